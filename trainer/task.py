@@ -1,0 +1,42 @@
+"""Trains a character-level LSTM language model.
+
+Usage:
+  python -m trainer.task --flagfile=configs/quick.flags --model_dir=runs/quick
+  python -m trainer.task --text_files='gs://bucket/texts/*.txt' --model_dir=gs://bucket/run1
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import logging
+
+from trainer import flags as trainer_flags
+from trainer import train_lib
+
+trainer_flags.define_flags()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. All options are --flags.")
+    config = trainer_flags.config_from_flags()
+    try:
+        result = train_lib.run(config)
+    except train_lib.SetupError as error:
+        logging.error("%s", error)
+        return 2
+    sample = train_lib.final_sample(config, result)
+    print(f"\n--- sample ({config.sample_length} characters, temperature "
+          f"{config.sample_temperature}) ---\n{config.sample_prompt}{sample}\n")
+    return 0
+
+
+def run_main() -> None:
+    """Console-script entry point (`charlstm-train`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    app.run(main)
