@@ -31,6 +31,7 @@ class TrainConfig:
     num_layers: int = 1
     units: int = 512
     dropout: float = 0.0
+    lstm_implementation: str = "auto"
     # Optimization.
     learning_rate: float = 2e-3
     lr_schedule: str = "constant"
@@ -90,6 +91,7 @@ class TrainConfig:
             "lr_schedule": ("constant", "cosine"),
             "strategy": ("auto", "mirrored", "one_device", "multi_worker", "tpu"),
             "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+            "lstm_implementation": ("auto", "keras", "fused"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -45,6 +45,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_layers", d.num_layers, "Stacked LSTM layers.", lower_bound=1)
     flags.DEFINE_integer("units", d.units, "LSTM units per layer.", lower_bound=1)
     flags.DEFINE_float("dropout", d.dropout, "Dropout after each LSTM layer; in [0, 1).")
+    flags.DEFINE_enum("lstm_implementation", d.lstm_implementation, ["auto", "keras", "fused"],
+                      "How the LSTM layers run. keras: Keras LSTM (cuDNN on a GPU). fused: "
+                      "trainer/fast_lstm.py, faster on a CPU. auto: keras with a GPU, else "
+                      "fused. Both use the same variables and checkpoints.")
     # Optimization.
     flags.DEFINE_float("learning_rate", d.learning_rate, "Adam learning rate (peak, with a schedule).")
     flags.DEFINE_enum("lr_schedule", d.lr_schedule, ["constant", "cosine"],

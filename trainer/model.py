@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from trainer import fast_lstm
+
 MODEL_CONFIG_FILENAME = "model_config.json"
 
 LSTMState = list  # [(h, c)] * num_layers, each [batch, units]
@@ -37,6 +39,10 @@ class ModelConfig:
     units: int = 512
     dropout: float = 0.0
     precision: str = "float32"  # a Keras dtype policy name
+    # How the LSTM layers run: "keras" (cuDNN on a GPU), "fused" (the CPU
+    # loop in trainer/fast_lstm.py) or "auto" (fused unless there is a GPU).
+    # Both use the same variables, so it may change between runs.
+    lstm_implementation: str = "auto"
 
     def __post_init__(self):
         if self.vocab_size < 2:
@@ -49,6 +55,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.lstm_implementation not in fast_lstm.IMPLEMENTATIONS:
+            raise ValueError(
+                f"lstm_implementation must be one of {', '.join(fast_lstm.IMPLEMENTATIONS)}, "
+                f"got {self.lstm_implementation!r}.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -87,10 +97,17 @@ class CharLSTM(keras.Model):
             keras.layers.Dropout(config.dropout, name=f"dropout_{i}")
             for i in range(config.num_layers)
         ]
+        # tf.train.Checkpoint does not look inside Keras 3's tracked lists.
+        # Without these attributes, a checkpoint of the model alone
+        # (tf.train.Checkpoint(model=...)) lacks the LSTM weights, and the
+        # trainer's checkpoint reaches them only through the optimizer.
+        for index, layer in enumerate(self.lstm_layers):
+            setattr(self, f"lstm_{index}", layer)
         # Logits stay float32 under mixed precision: softmax and the loss
         # lose too much in 16-bit floats.
         self.logits_layer = keras.layers.Dense(config.vocab_size, dtype="float32", name="logits")
         self.compute_dtype_name = policy.compute_dtype
+        self.lstm_implementation = fast_lstm.resolve_implementation(config.lstm_implementation)
 
     def zero_state(self, batch_size) -> LSTMState:
         """Returns the all-zero state for `batch_size` sequences."""
@@ -112,6 +129,8 @@ class CharLSTM(keras.Model):
             features = tf.one_hot(ids, self.config.vocab_size, dtype=self.compute_dtype_name)
         if initial_state is None:
             initial_state = self.zero_state(tf.shape(ids)[0])
+        if self.lstm_implementation == "fused":
+            return self._call_fused(ids, initial_state, training)
         final_state = []
         for layer, dropout, (h, c) in zip(self.lstm_layers, self.dropout_layers, initial_state):
             features, h, c = layer(features, initial_state=[h, c], training=training)  # [batch, time, units]
@@ -119,6 +138,57 @@ class CharLSTM(keras.Model):
             final_state.append((h, c))
         logits = self.logits_layer(features)  # [batch, time, vocab] float32
         return logits, final_state
+
+    def _call_fused(self, ids, initial_state, training):
+        """The same maths as `call` with `fast_lstm.lstm_sequence` in place of Keras's loop.
+
+        Works time-major; only the logits are transposed back, because they
+        are the smallest tensor ([time, batch, vocab]).
+        """
+        self._build_layers_for_fused()
+        matmul_dtype = self.compute_dtype_name
+        time_major_ids = tf.transpose(ids)  # [time, batch]
+        features = None
+        final_state = []
+        for index, (layer, dropout, (h, c)) in enumerate(
+                zip(self.lstm_layers, self.dropout_layers, initial_state)):
+            cell = layer.cell
+            kernel = tf.cast(cell.kernel, matmul_dtype)  # [input, 4 * units]
+            bias = tf.cast(cell.bias, tf.float32)  # [4 * units]
+            if index == 0:
+                # An embedding lookup followed by `@ kernel` is a lookup in
+                # `table @ kernel`, [vocab, 4 * units]: a matmul over the
+                # vocabulary instead of over every batch position. For
+                # one-hot input the kernel itself is that table.
+                if self.embedding is not None:
+                    table = tf.matmul(tf.cast(self.embedding.embeddings, matmul_dtype), kernel)
+                else:
+                    table = kernel
+                table = tf.cast(table, tf.float32) + bias  # [vocab, 4 * units]
+                projection = tf.gather(table, time_major_ids)  # [time, batch, 4 * units]
+            else:
+                flat = tf.reshape(tf.cast(features, matmul_dtype), [-1, tf.shape(features)[2]])
+                projection = tf.cast(tf.matmul(flat, kernel), tf.float32) + bias  # [time * batch, 4 * units]
+                projection = tf.reshape(projection, [tf.shape(features)[0], tf.shape(features)[1], -1])
+            features, h, c = fast_lstm.lstm_sequence(
+                projection, tf.cast(h, tf.float32), tf.cast(c, tf.float32),
+                tf.cast(cell.recurrent_kernel, matmul_dtype))  # [time, batch, units] float32
+            features = dropout(features, training=training)
+            final_state.append((tf.cast(h, self.compute_dtype_name),
+                                tf.cast(c, self.compute_dtype_name)))
+        logits = self.logits_layer(features)  # [time, batch, vocab] float32
+        return tf.transpose(logits, [1, 0, 2]), final_state
+
+    def _build_layers_for_fused(self):
+        """Creates the layers' variables, in the order the Keras path creates them."""
+        if self.embedding is not None and not self.embedding.built:
+            self.embedding.build((None, None))
+        input_dim = (self.config.embedding_dim if self.embedding is not None
+                     else self.config.vocab_size)
+        for layer in self.lstm_layers:
+            if not layer.built:
+                layer.build((None, None, input_dim))
+            input_dim = self.config.units
 
 
 def build_model(config: ModelConfig) -> CharLSTM:

@@ -117,8 +117,10 @@ def check_model_dir(config: TrainConfig, vocabulary: Vocabulary) -> None:
         saved_config = load_model_config(config.model_dir)
         wanted = model_config_for(config, vocabulary.size, saved_config.precision)
         for field in dataclasses.fields(ModelConfig):
-            if field.name == "precision":
-                continue  # Checkpoints keep float32 variables under every policy.
+            if field.name in ("precision", "lstm_implementation"):
+                # Checkpoints keep float32 variables under every policy, and
+                # both LSTM implementations use the same variables.
+                continue
             old, new = getattr(saved_config, field.name), getattr(wanted, field.name)
             if old != new:
                 raise SetupError(
@@ -130,7 +132,8 @@ def check_model_dir(config: TrainConfig, vocabulary: Vocabulary) -> None:
 def model_config_for(config: TrainConfig, vocab_size: int, precision: str) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, input_encoding=config.input_encoding,
                        embedding_dim=config.embedding_dim, num_layers=config.num_layers,
-                       units=config.units, dropout=config.dropout, precision=precision)
+                       units=config.units, dropout=config.dropout, precision=precision,
+                       lstm_implementation=config.lstm_implementation)
 
 
 def make_learning_rate(config: TrainConfig, total_steps: int):

@@ -1,0 +1,167 @@
+"""A CPU implementation of the Keras LSTM layer's maths, with a hand-written gradient.
+
+The model keeps its Keras `LSTM` layers, so the variables, their names and the
+checkpoint layout are the same on both paths. The variables are `kernel`
+[input, 4 * units], `recurrent_kernel` [units, 4 * units] and `bias`
+[4 * units], with gates in the order i, f, c, o, sigmoid gates and tanh
+activations. On a GPU Keras runs
+these layers with cuDNN. On a CPU, Keras's generic loop costs several small
+matmuls per timestep and accumulates the weight gradients one timestep at a
+time; `lstm_sequence` does the same maths with less work:
+
+* the input projection of all timesteps is computed before the loop, by the
+  caller, as one matmul, or for the first layer as a row gather from
+  `embedding_table @ kernel` (an embedding lookup followed by a matmul equals
+  a lookup in the projected table);
+* each timestep does one recurrent matmul, [batch, units] @ [units, 4 * units],
+  plus elementwise ops;
+* the weights are cast to the compute dtype once per call, not per timestep;
+* the backward loop only carries the state gradients, and the recurrent
+  kernel's gradient is one large matmul over all timesteps after that loop:
+  h[0:T]^T @ dz[0:T], [units, T * batch] @ [T * batch, 4 * units].
+
+Under bfloat16 the matmuls run in bfloat16 (oneDNN uses AVX512-BF16 or AMX
+where the CPU has them). The cell state and the gate arithmetic stay float32,
+which is at least as accurate as Keras's all-bfloat16 cell.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+IMPLEMENTATIONS = ("auto", "keras", "fused")
+
+
+def resolve_implementation(name: str) -> str:
+    """Turns `auto` into `keras` when TensorFlow lists a GPU (for cuDNN), else `fused`.
+
+    Raises:
+      ValueError: for a name outside IMPLEMENTATIONS.
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"lstm_implementation={name!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
+    if name != "auto":
+        return name
+    return "keras" if tf.config.list_logical_devices("GPU") else "fused"
+
+
+def _forward(inputs_projection, h0, c0, recurrent_kernel):
+    """Runs the recurrence and returns what the backward pass needs.
+
+    Args:
+      inputs_projection: float32 [time, batch, 4 * units], x_t @ kernel + bias.
+      h0, c0: float32 [batch, units].
+      recurrent_kernel: [units, 4 * units] in the matmul dtype.
+
+    Returns:
+      hs float32 [time + 1, batch, units] (h_0 .. h_T), cs float32
+      [time + 1, batch, units] and gates float32 [time, batch, 4 * units],
+      the activated i, f, g, o.
+    """
+    num_steps = tf.shape(inputs_projection)[0]
+    matmul_dtype = recurrent_kernel.dtype
+    hs = tf.TensorArray(tf.float32, size=num_steps + 1, element_shape=h0.shape).write(0, h0)
+    cs = tf.TensorArray(tf.float32, size=num_steps + 1, element_shape=c0.shape).write(0, c0)
+    gates_array = tf.TensorArray(tf.float32, size=num_steps)
+
+    def body(t, h, c, hs, cs, gates_array):
+        recurrent = tf.matmul(tf.cast(h, matmul_dtype), recurrent_kernel)  # [batch, 4 * units]
+        z = inputs_projection[t] + tf.cast(recurrent, tf.float32)
+        z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
+        i = tf.sigmoid(z_i)
+        f = tf.sigmoid(z_f)
+        g = tf.tanh(z_g)
+        o = tf.sigmoid(z_o)
+        c = f * c + i * g
+        h = o * tf.tanh(c)
+        return (t + 1, h, c, hs.write(t + 1, h), cs.write(t + 1, c),
+                gates_array.write(t, tf.concat([i, f, g, o], axis=1)))
+
+    _, _, _, hs, cs, gates_array = tf.while_loop(
+        lambda t, *_: t < num_steps, body,
+        (tf.constant(0), h0, c0, hs, cs, gates_array),
+        maximum_iterations=num_steps)
+    return hs.stack(), cs.stack(), gates_array.stack()
+
+
+def _backward(d_outputs, d_h_last, d_c_last, hs, cs, gates, recurrent_kernel):
+    """Back-propagates through the recurrence.
+
+    Returns:
+      dz float32 [time, batch, 4 * units] (the gradient of the gate
+      pre-activations, which is also the gradient of `inputs_projection`),
+      dh0 and dc0 [batch, units] float32.
+    """
+    num_steps = tf.shape(gates)[0]
+    matmul_dtype = recurrent_kernel.dtype
+    dz_array = tf.TensorArray(tf.float32, size=num_steps)
+
+    def body(t, dh_next, dc_next, dz_array):
+        i, f, g, o = tf.split(gates[t], 4, axis=1)
+        c = cs[t + 1]
+        tanh_c = tf.tanh(c)
+        dh = d_outputs[t] + dh_next
+        # The chain rule through h = o * tanh(c) and c = f * c_prev + i * g,
+        # with sigmoid' = s (1 - s) and tanh' = 1 - tanh^2.
+        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+        dz_i = dc * g * i * (1.0 - i)
+        dz_f = dc * cs[t] * f * (1.0 - f)
+        dz_g = dc * i * (1.0 - g * g)
+        dz_o = dh * tanh_c * o * (1.0 - o)
+        dz = tf.concat([dz_i, dz_f, dz_g, dz_o], axis=1)  # [batch, 4 * units]
+        dh_prev = tf.matmul(tf.cast(dz, matmul_dtype), recurrent_kernel, transpose_b=True)
+        return t - 1, tf.cast(dh_prev, tf.float32), dc * f, dz_array.write(t, dz)
+
+    _, dh0, dc0, dz_array = tf.while_loop(
+        lambda t, *_: t >= 0, body,
+        (num_steps - 1, d_h_last, d_c_last, dz_array),
+        maximum_iterations=num_steps)
+    return dz_array.stack(), dh0, dc0
+
+
+def lstm_sequence(inputs_projection: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+                  recurrent_kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Runs an LSTM over time-major input projections.
+
+    Args:
+      inputs_projection: float32 [time, batch, 4 * units], x_t @ kernel + bias
+        for every timestep.
+      h0, c0: float32 [batch, units], the initial state.
+      recurrent_kernel: [units, 4 * units]; its dtype is the matmul dtype
+        (float32 or bfloat16).
+
+    Returns:
+      (outputs float32 [time, batch, units], h_T, c_T float32 [batch, units]).
+      Gradients flow to all four arguments.
+    """
+
+    @tf.custom_gradient
+    def run(inputs_projection, h0, c0, recurrent_kernel):
+        hs, cs, gates = _forward(inputs_projection, h0, c0, recurrent_kernel)
+
+        def grad(d_outputs, d_h_last, d_c_last):
+            d_outputs = _zeros_if_none(d_outputs, hs[1:])
+            d_h_last = _zeros_if_none(d_h_last, h0)
+            d_c_last = _zeros_if_none(d_c_last, c0)
+            dz, dh0, dc0 = _backward(d_outputs, d_h_last, d_c_last, hs, cs, gates,
+                                     recurrent_kernel)
+            # All timesteps' recurrent-kernel gradients as one matmul:
+            # [units, time * batch] @ [time * batch, 4 * units].
+            units = tf.shape(h0)[1]
+            previous_h = tf.reshape(hs[:-1], [-1, units])
+            flat_dz = tf.reshape(dz, [-1, 4 * units])
+            matmul_dtype = recurrent_kernel.dtype
+            d_recurrent = tf.matmul(tf.cast(previous_h, matmul_dtype),
+                                    tf.cast(flat_dz, matmul_dtype), transpose_a=True)
+            return dz, dh0, dc0, tf.cast(d_recurrent, recurrent_kernel.dtype)
+
+        return (hs[1:], hs[-1], cs[-1]), grad
+
+    return run(inputs_projection, h0, c0, recurrent_kernel)
+
+
+def _zeros_if_none(gradient: Optional[tf.Tensor], like: tf.Tensor) -> tf.Tensor:
+    return tf.zeros_like(like) if gradient is None else tf.convert_to_tensor(gradient, tf.float32)
