@@ -39,6 +39,7 @@ setup(
     entry_points={
         "console_scripts": [
             "charlstm-train=trainer.task:run_main",
+            "charlstm-export=export.__main__:run_main",
         ],
     },
     classifiers=[

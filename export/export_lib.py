@@ -328,6 +328,7 @@ def export_after_training(config, result) -> tuple[Optional[str], str]:
         return None, train_lib.final_sample(config, result)
     export_dir = config.export_dir or default_export_dir(config.model_dir)
     path = export_saved_model(config.model_dir, export_dir)
+    logging.info("The final sample comes from the export at %s.", path)
     # The exported `generate` signature caps num_chars, so the sample streams
     # through the step signature instead, which has no cap.
     sample = sample_from_saved_model(path, config.sample_prompt, config.sample_length,

@@ -12,6 +12,7 @@ import sys
 from absl import app
 from absl import logging
 
+from export import export_lib
 from trainer import flags as trainer_flags
 from trainer import train_lib
 
@@ -27,7 +28,14 @@ def main(argv: list[str]) -> int:
     except train_lib.SetupError as error:
         logging.error("%s", error)
         return 2
-    sample = train_lib.final_sample(config, result)
+    if config.export:
+        try:
+            _, sample = export_lib.export_after_training(config, result)
+        except export_lib.ExportError as error:
+            logging.error("Training finished, but the export failed: %s", error)
+            return 1
+    else:
+        sample = train_lib.final_sample(config, result)
     print(f"\n--- sample ({config.sample_length} characters, temperature "
           f"{config.sample_temperature}) ---\n{config.sample_prompt}{sample}\n")
     return 0
