@@ -12,10 +12,11 @@ Division of work:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from absl import logging
 from trainer import corpus as corpus_lib
 from trainer import data
 from trainer import distribution
+from trainer import preemption
 from trainer import sampling
 from trainer.config import TrainConfig
 from trainer.model import CharLSTM, ModelConfig, build_model, load_model_config, save_model_config, MODEL_CONFIG_FILENAME
@@ -297,11 +299,27 @@ def run(config: TrainConfig) -> RunResult:
     Raises:
       SetupError: for bad input, before the model is built and before anything
         is written to `config.model_dir`.
+      preemption.TrainingPreempted: after saving a checkpoint on SIGTERM; a
+        `SystemExit` with code `preemption.PREEMPTED_EXIT_CODE`.
     """
+    # Closes the summary writers, the SIGTERM watcher and a non-chief
+    # worker's temporary directory however `_run` ends.
+    with contextlib.ExitStack() as cleanup:
+        return _run(config, cleanup)
+
+
+def _run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunResult:
     config.validate()
     distribution.configure_cpu_replicas(config.cpu_replicas)
     prepared = prepare_data(config)
-    strategy = distribution.create_strategy(config.strategy, config.cpu_replicas, config.tpu)
+    try:
+        strategy = distribution.create_strategy(config.strategy, config.cpu_replicas, config.tpu)
+    except ValueError as error:  # An invalid TF_CONFIG.
+        raise SetupError(str(error)) from error
+    try:
+        distribution.check_same_vocabulary(strategy, vocabulary_fingerprint(prepared.vocabulary))
+    except ValueError as error:
+        raise SetupError(str(error)) from error
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise SetupError(
@@ -320,6 +338,8 @@ def run(config: TrainConfig) -> RunResult:
     model_config = model_config_for(config, prepared.vocabulary.size, precision)
     chief = distribution.is_chief(strategy)
     write_dir = _write_dir(config.model_dir, strategy)
+    if not chief:
+        cleanup.callback(tf.io.gfile.rmtree, write_dir)
 
     trainer = Trainer(strategy, model_config, config.batch_size,
                       make_learning_rate(config, total_steps), config.clip_norm)
@@ -327,10 +347,16 @@ def run(config: TrainConfig) -> RunResult:
                                          max_to_keep=config.max_checkpoints,
                                          step_counter=trainer.step)
     # Resume reads the chief's real directory on every worker.
-    latest = tf.train.latest_checkpoint(config.model_dir)
+    try:
+        latest = preemption.restore_latest(trainer.checkpoint, config.model_dir)
+    except preemption.CheckpointRestoreError as error:
+        raise SetupError(str(error)) from error
     if latest:
-        trainer.checkpoint.restore(latest).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d.", latest, int(trainer.step.numpy()))
+    try:
+        distribution.check_same_step(strategy, int(trainer.step.numpy()))
+    except ValueError as error:
+        raise SetupError(str(error)) from error
     if chief:
         tf.io.gfile.makedirs(config.model_dir)
         prepared.vocabulary.save(config.model_dir)
@@ -345,8 +371,12 @@ def run(config: TrainConfig) -> RunResult:
     validation = strategy.distribute_datasets_from_function(
         lambda context: data.make_validation_dataset(prepared.validation_ids, config.seq_length,
                                                      config.batch_size, context))
-    train_writer = tf.summary.create_file_writer(os.path.join(write_dir, "train"))
-    validation_writer = tf.summary.create_file_writer(os.path.join(write_dir, "validation"))
+    train_writer = tf.summary.create_file_writer(tf.io.gfile.join(write_dir, "train"))
+    validation_writer = tf.summary.create_file_writer(tf.io.gfile.join(write_dir, "validation"))
+    cleanup.callback(train_writer.close)
+    cleanup.callback(validation_writer.close)
+    watcher = preemption.PreemptionWatcher(strategy, manager, trainer.step)
+    cleanup.callback(watcher.close)
 
     logging.info("Corpus %r: %d training and %d validation characters, vocabulary %d, "
                  "%d steps per epoch, %d steps in all, global batch %d over %d replicas, "
@@ -410,6 +440,9 @@ def run(config: TrainConfig) -> RunResult:
 
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
             manager.save(checkpoint_number=step)
+        # Saves and raises TrainingPreempted after a SIGTERM; a collective
+        # call with several workers, so it runs on all of them every time.
+        watcher.check()
 
     elapsed = time.perf_counter() - run_start
     trained_steps = step - start_step
@@ -433,11 +466,13 @@ def run(config: TrainConfig) -> RunResult:
     if chief:
         atomic_write_text(tf.io.gfile.join(config.model_dir, SUMMARY_FILENAME),
                           json.dumps(summary, indent=1, default=str))
-    train_writer.close()
-    validation_writer.close()
-    if not chief:
-        tf.io.gfile.rmtree(write_dir)
     return RunResult(summary=summary, trainer=trainer, vocabulary=prepared.vocabulary)
+
+
+def vocabulary_fingerprint(vocabulary: Vocabulary) -> str:
+    """Returns a SHA-256 hex digest of the vocabulary's characters and source text."""
+    content = json.dumps([vocabulary.characters, vocabulary.corpus_fingerprint])
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 def _current_learning_rate(trainer: Trainer) -> float:
