@@ -179,20 +179,14 @@ class ModelRepository:
             self.predict_calls += 1
             failure = self._failures.pop(0) if self._failures else None
         if self.delay_seconds:
-            # Wakes early when the server stops, so a test never waits it out.
+            # Wakes early when the repository closes, so teardown never waits it out.
             self._stopping.wait(self.delay_seconds)
         if failure:
             raise StandinError(*failure)
         return self.find(name, version, label).run(signature, inputs, output_filter)
 
-    def start(self) -> None:
-        self._stopping.clear()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
     def close(self) -> None:
-        self.stop()
+        self._stopping.set()
         for servable in self.versions.values():
             servable.close()
 
@@ -257,7 +251,6 @@ class GrpcStandin:
     def __init__(self, repository: ModelRepository, max_workers: int = 8, port: int = 0,
                  server_credentials=None):
         self.repository = repository
-        repository.start()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                    options=[("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -279,7 +272,6 @@ class GrpcStandin:
 
     def stop(self) -> None:
         """Stops at once: calls in flight fail with UNAVAILABLE or CANCELLED."""
-        self.repository.stop()
         self._server.stop(grace=None).wait(5)
 
 
@@ -440,7 +432,6 @@ class RestStandin:
 
     def __init__(self, repository: ModelRepository, port: int = 0):
         self.repository = repository
-        repository.start()
         self._server = RestStandinServer(repository, port)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -452,7 +443,6 @@ class RestStandin:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.repository.stop()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
