@@ -40,6 +40,7 @@ setup(
         "console_scripts": [
             "charlstm-train=trainer.task:run_main",
             "charlstm-export=export.__main__:run_main",
+            "charlstm-generate=serving.generate:run_main",
         ],
     },
     classifiers=[
