@@ -131,9 +131,15 @@ def restore_model(model_config, checkpoint: str) -> tuple[CharLSTM, int]:
         status = trainer.checkpoint.read(checkpoint)
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
+        # The loader's message lists unmatched variables with their values;
+        # its start names the problem.
+        detail = str(error)
+        if len(detail) > 400:
+            detail = detail[:400] + " ..."
         raise ExportError(
             f"Checkpoint {checkpoint} does not match the model in {MODEL_CONFIG_FILENAME} "
-            f"({model_config}): {error}") from error
+            f"({model_config}), or was not written by charlstm training (which saves the model, "
+            f"optimizer and step): {detail}") from error
     status.expect_partial()
     not_restored = [v.path for v in weights if bool(tf.reduce_any(tf.math.is_nan(v)))]
     if not_restored:

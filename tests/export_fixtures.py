@@ -99,14 +99,10 @@ def write_untrained_model_dir(model_dir: str, precision: str = "float32",
     tf.io.gfile.makedirs(model_dir)
     vocabulary.save(model_dir)
     save_model_config(config, model_dir)
-    if model_only_checkpoint:
-        tf.train.Checkpoint(model=trainer.model).write(os.path.join(model_dir, "ckpt-3"))
-        # CheckpointManager's index file, so tf.train.latest_checkpoint finds it.
-        tf.train.update_checkpoint_state(model_dir, os.path.join(model_dir, "ckpt-3"))
-    else:
-        manager = tf.train.CheckpointManager(trainer.checkpoint, model_dir, max_to_keep=1,
-                                             step_counter=trainer.step)
-        manager.save(checkpoint_number=3)
+    checkpoint = (tf.train.Checkpoint(model=trainer.model) if model_only_checkpoint
+                  else trainer.checkpoint)
+    manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=1)
+    manager.save(checkpoint_number=3)
     return trainer
 
 
