@@ -1,7 +1,7 @@
 """The transport-neutral part of a back end: model spec, retries, error mapping.
 
 A back end sends one Predict call (a signature name, named input arrays and
-the names of the outputs wanted) and returns numpy arrays. Back ends keep no
+the names of the requested outputs) and returns numpy arrays. Back ends keep no
 state between calls, so any call can be retried or sent to another replica.
 """
 
@@ -21,7 +21,7 @@ from serving import errors
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Which model a call goes to.
+    """The model, and optionally its version or label, that a call goes to.
 
     Attributes:
       name: model name in the server's model config.
@@ -160,10 +160,10 @@ class Backend(abc.ABC):
 
 def select_outputs(result: Mapping[str, object], outputs: Mapping[str, np.dtype],
                    signature: str) -> dict[str, np.ndarray]:
-    """Picks the wanted outputs out of a response and casts them to their dtypes.
+    """Picks the requested outputs out of a response and casts them to their dtypes.
 
     Raises:
-      CallFailed: INTERNAL when the response lacks a wanted output, which
+      CallFailed: INTERNAL when the response lacks a requested output, which
         means the export does not have the signature this client expects.
     """
     missing = [name for name in outputs if name not in result]

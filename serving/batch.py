@@ -185,7 +185,7 @@ def load_finished_ids(path: str) -> set[str]:
 
     Raises:
       BadLineError: for a complete line that is not a result object, naming
-        the line; the file was not written by this job then, or was edited.
+        the line. Such a file was not written by a job, or was edited.
     """
     if not os.path.exists(path):
         return set()
@@ -212,7 +212,7 @@ def load_finished_ids(path: str) -> set[str]:
 
 
 class ProgressLog:
-    """Logs done/total, rate and ETA to stderr, at most once per `interval` seconds."""
+    """Logs done/total, rate and ETA to stderr, at most once per `interval` seconds and at the end."""
 
     def __init__(self, total: int, interval: float = 2.0):
         self.total = total
@@ -309,8 +309,9 @@ def run_job(sampler: Sampler, records: Sequence[PromptRecord], output_path: str,
                                "finished_at": finished_at},
                 }
                 lines.append(json.dumps(result, ensure_ascii=False) + "\n")
-            # One write per batch, then flush and fsync: after a kill, the file
-            # holds whole batches plus at most one torn line, which a rerun drops.
+            # One write per batch, then flush and fsync. After a kill the file
+            # contains complete lines plus at most one torn last line, which a
+            # rerun drops.
             output.write("".join(lines))
             output.flush()
             os.fsync(output.fileno())

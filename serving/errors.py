@@ -1,7 +1,7 @@
 """Errors raised by the serving clients.
 
 Every error names the server, the model and the signature of the failed call,
-so a log line alone says where to look. Status codes use gRPC's names, which
+so a log line alone shows where to look. Status codes use gRPC's names, which
 TF Serving returns over gRPC and maps to HTTP statuses over REST.
 """
 

@@ -1,9 +1,9 @@
 """The local back end: the SavedModel loaded in this process with `tf.saved_model.load`.
 
 It follows TF Serving's Predict rules where they matter to a client, so code
-tested against it behaves the same against a server: an empty signature
-name means serving_default, an unknown signature is FAILED_PRECONDITION, and
-missing or extra inputs and wrong dtypes are INVALID_ARGUMENT.
+tested against it behaves the same against a server. An empty signature name
+means serving_default, and an unknown signature is FAILED_PRECONDITION.
+Missing or extra inputs and wrong dtypes are INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -87,13 +87,13 @@ class LocalBackend(Backend):
         feeds = {}
         for key, spec in specs.items():
             value = np.asarray(inputs[key])
-            given = tf.string if value.dtype == np.object_ or value.dtype.kind in "SU" \
+            given_dtype = tf.string if value.dtype == np.object_ or value.dtype.kind in "SU" \
                 else tf.as_dtype(value.dtype)
-            if given != spec.dtype:
+            if given_dtype != spec.dtype:
                 raise CallFailed(
                     "INVALID_ARGUMENT",
                     f"input {key!r} of signature {name!r} must be {spec.dtype.name}, "
-                    f"got {given.name}.")
+                    f"got {given_dtype.name}.")
             feeds[key] = tf.constant(value, spec.dtype)
         try:
             result = function(**feeds)

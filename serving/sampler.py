@@ -2,7 +2,7 @@
 
 Streaming keeps the LSTM state on the client. `prime` returns the state
 after the prompt, and every step call sends the state in (`h`, `c`) and gets
-the next state back, so the server keeps nothing between calls: any replica
+the next state back. The server keeps nothing between calls, so any replica
 can serve any step, and a retried step gives the same result.
 
 Step t of a stream samples with seed `[seed0, seed1 + t]` (int32 wrap-around),
@@ -194,15 +194,15 @@ class Sampler:
         primed = self.backend.predict(self.signatures.prime, {"prompts": _encode(prompts)},
                                       {"ids": np.int32, **_STATE_OUTPUTS})
         ids, h, c = primed["ids"], primed["h"], primed["c"]
-        wanted = {"ids": np.int32, "chars": np.object_, **_STATE_OUTPUTS}
+        requested_outputs = {"ids": np.int32, "chars": np.object_, **_STATE_OUTPUTS}
         if client_sampling:
-            wanted["logits"] = np.float32
+            requested_outputs["logits"] = np.float32
         for t in range(num_chars):
             step_seeds = step_seed_array(seeds, t)
             result = self.backend.predict(
                 self.signatures.step,
                 {"ids": ids, "h": h, "c": c, "temperature": temperatures, "seed": step_seeds},
-                wanted)
+                requested_outputs)
             h, c = result["h"], result["c"]
             if client_sampling:
                 ids = _sample_top_k(result["logits"], temperatures, step_seeds, top_ks)

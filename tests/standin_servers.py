@@ -79,14 +79,14 @@ class ServableVersion:
         """Runs a signature on inputs given as (DataType enum, array) pairs."""
         name, signature = self.signature(signature_name)
         expected = set(signature.inputs)
-        given = set(inputs)
-        if expected != given:
+        sent = set(inputs)
+        if expected != sent:
             raise StandinError(
                 "INVALID_ARGUMENT",
-                f"input size does not match signature: {len(given)}!={len(expected)} "
-                f"len({{{','.join(sorted(given))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(given - expected))}}}. "
-                f"Missing but required: {{{','.join(sorted(expected - given))}}}.")
+                f"input size does not match signature: {len(sent)}!={len(expected)} "
+                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
         feeds = {}
         for alias, (dtype_enum, value) in inputs.items():
             info = signature.inputs[alias]
@@ -395,6 +395,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(request, dict) or "inputs" not in request:
             raise StandinError("INVALID_ARGUMENT",
                                "Missing 'inputs' key (the stand-in supports only the columnar form)")
+
         # Looked up first, so a bad model or signature gives its own error.
         servable = repository.find(name, version, label)
         signature_name, signature = servable.signature(request.get("signature_name", ""))
@@ -404,6 +405,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                 raise StandinError("INVALID_ARGUMENT",
                                    "Bare 'inputs' value needs a signature with exactly one input")
             raw_inputs = {next(iter(signature.inputs)): raw_inputs}
+
         inputs = {}
         for alias, value in raw_inputs.items():
             if alias not in signature.inputs:
@@ -412,6 +414,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             inputs[alias] = (signature.inputs[alias].dtype, json_to_array(value, dtype, alias))
         for alias in set(raw_inputs) - set(signature.inputs):
             inputs[alias] = (0, np.zeros([0]))
+
         outputs = repository.predict(name, version, label, signature_name, inputs)
         encoded = {alias: array_to_json(value, alias) for alias, value in outputs.items()}
         if len(encoded) == 1:

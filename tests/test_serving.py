@@ -364,11 +364,11 @@ def test_unknown_characters_map_to_unknown_id(kind, grpc_server, rest_server, lo
 
 def test_rest_sends_invalid_utf8_as_b64(grpc_server, rest_server):
     prompts = {"prompts": np.array([b"ab\xff", "abΩ".encode("utf-8")], dtype=object)}
-    wanted = {"ids": np.int32, "h": np.float32}
+    requested_outputs = {"ids": np.int32, "h": np.float32}
     over_rest = RestBackend(rest_server.url, ModelSpec(MODEL), FAST_RETRY).predict(
-        "prime", prompts, wanted)
+        "prime", prompts, requested_outputs)
     over_grpc = GrpcBackend(grpc_server.address, ModelSpec(MODEL), FAST_RETRY).predict(
-        "prime", prompts, wanted)
+        "prime", prompts, requested_outputs)
 
     np.testing.assert_array_equal(over_rest["ids"], [0, 0])
     np.testing.assert_array_equal(over_rest["ids"], over_grpc["ids"])
