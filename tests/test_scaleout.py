@@ -286,8 +286,9 @@ def test_sigterm_to_one_worker_stops_all(tmp_path, tiny_config):
 
 
 def test_sigterm_saves_and_resume_matches(tmp_path, tiny_config):
-    shared = dict(train_steps=500, steps_per_loop=1, log_every_steps=100,
-                  checkpoint_every_steps=10, eval_every_steps=500, sample_length=0,
+    total = 300  # Leaves the child hundreds of steps after ckpt-10 to receive SIGTERM.
+    shared = dict(train_steps=total, steps_per_loop=1, log_every_steps=100,
+                  checkpoint_every_steps=10, eval_every_steps=total, sample_length=0,
                   strategy="one_device")
     config = tiny_config(model_dir=str(tmp_path / "preempted"), **shared)
     process = _start(config, _child_env(tmp_path), tmp_path / "train.log")
@@ -300,16 +301,16 @@ def test_sigterm_saves_and_resume_matches(tmp_path, tiny_config):
     log = _read_log(tmp_path / "train.log")
     assert exit_code == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
     preempted_step = int(tf.train.latest_checkpoint(config.model_dir).rsplit("-", 1)[1])
-    assert 10 <= preempted_step < 500
-    assert f"Preempted: saved checkpoint" in log
+    assert 10 <= preempted_step < total
+    assert f"at step {preempted_step}. Exiting with code 75" in log
 
     resumed = train_lib.run(config)
-    assert resumed.summary["steps"] == 500
-    assert resumed.summary["steps_this_run"] == 500 - preempted_step
+    assert resumed.summary["steps"] == total
+    assert resumed.summary["steps_this_run"] == total - preempted_step
     reference = train_lib.run(tiny_config(model_dir=str(tmp_path / "reference"), **shared))
-    assert reference.summary["steps"] == 500
-    _assert_same_tensors(_checkpoint_tensors(os.path.join(config.model_dir, "ckpt-500")),
-                         _checkpoint_tensors(str(tmp_path / "reference" / "ckpt-500")))
+    assert reference.summary["steps"] == total
+    _assert_same_tensors(_checkpoint_tensors(os.path.join(config.model_dir, f"ckpt-{total}")),
+                         _checkpoint_tensors(str(tmp_path / "reference" / f"ckpt-{total}")))
 
 
 def test_watcher_restores_previous_handler(tiny_config):
