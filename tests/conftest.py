@@ -21,24 +21,24 @@ from trainer.config import TrainConfig  # noqa: E402
 TINY_TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path) -> str:
-    """Path of a UTF-8 file holding TINY_TEXT."""
-    path = tmp_path / "tiny.txt"
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """Path of a UTF-8 file holding TINY_TEXT; tests must not modify it."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_text(TINY_TEXT, encoding="utf-8")
     return str(path)
 
 
-@pytest.fixture
-def tiny_config(tmp_path, tiny_corpus):
+@pytest.fixture(scope="session")
+def make_tiny_config(tiny_corpus):
     """Factory of small TrainConfigs that train in about a second on one CPU core.
 
-    Keyword arguments override fields; `model_dir` defaults to `tmp_path/model`.
+    `model_dir` is required; other keyword arguments override fields.
     """
 
-    def make(**overrides) -> TrainConfig:
+    def make(model_dir: str, **overrides) -> TrainConfig:
         values = dict(
-            model_dir=str(tmp_path / "model"),
+            model_dir=str(model_dir),
             text_files=(tiny_corpus,),
             seq_length=10,
             batch_size=4,
@@ -55,6 +55,17 @@ def tiny_config(tmp_path, tiny_corpus):
         )
         values.update(overrides)
         return TrainConfig(**values)
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(tmp_path, make_tiny_config):
+    """Like make_tiny_config, with `model_dir` defaulting to `tmp_path/model`."""
+
+    def make(**overrides) -> TrainConfig:
+        overrides.setdefault("model_dir", str(tmp_path / "model"))
+        return make_tiny_config(**overrides)
 
     return make
 

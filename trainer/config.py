@@ -6,6 +6,10 @@ import dataclasses
 from typing import Optional
 
 
+class SetupError(ValueError):
+    """Raised before any work when the flags, corpus or model directory cannot be used."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; field names match the flag names."""
@@ -61,7 +65,7 @@ class TrainConfig:
         """Checks values that flag validators also check, for callers without flags.
 
         Raises:
-          ValueError: naming the field, the value and the allowed range.
+          SetupError: naming the field, the value and the allowed range.
         """
         positive = ("min_char_count", "seq_length", "batch_size", "epochs", "embedding_dim",
                     "num_layers", "units", "steps_per_loop", "checkpoint_every_steps",
@@ -69,22 +73,22 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}.")
+                raise SetupError(f"--{name} must be a positive integer, got {value!r}.")
         for name in ("train_steps", "warmup_steps", "eval_every_steps", "sample_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"--{name} must be a non-negative integer, got {value!r}.")
+                raise SetupError(f"--{name} must be a non-negative integer, got {value!r}.")
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(
+            raise SetupError(
                 f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
+            raise SetupError(f"--dropout must be in [0, 1), got {self.dropout}.")
         if not self.learning_rate > 0.0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+            raise SetupError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if not self.clip_norm >= 0.0:
-            raise ValueError(f"--clip_norm must be >= 0 (0 turns clipping off), got {self.clip_norm}.")
+            raise SetupError(f"--clip_norm must be >= 0 (0 turns clipping off), got {self.clip_norm}.")
         if not self.sample_temperature >= 0.0:
-            raise ValueError(
+            raise SetupError(
                 f"--sample_temperature must be >= 0 (0 means greedy), got {self.sample_temperature}.")
         choices = {
             "input_encoding": ("embedding", "one_hot"),
@@ -95,11 +99,11 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise SetupError(
                     f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         if self.text_files and self.tfds_name:
-            raise ValueError("Set either --text_files or --tfds_name, not both.")
+            raise SetupError("Set either --text_files or --tfds_name, not both.")
         if self.strategy == "one_device" and self.cpu_replicas > 1:
-            raise ValueError(
+            raise SetupError(
                 f"--cpu_replicas={self.cpu_replicas} needs --strategy=mirrored or auto; "
                 "--strategy=one_device runs one replica.")

@@ -140,6 +140,9 @@ def load_corpus(text_files: Sequence[str] | None, tfds_name: str | None, encodin
     """
     if text_files and tfds_name:
         raise CorpusError("Set either --text_files or --tfds_name, not both.")
+    # Checked for every source, so a misspelled --encoding fails even where
+    # the bundled novel or TFDS makes it unused.
+    check_encoding(encoding)
     if tfds_name:
         corpus = read_tfds(tfds_name, tfds_split, tfds_text_key, tfds_data_dir)
     elif text_files:

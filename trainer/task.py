@@ -22,8 +22,8 @@ trainer_flags.define_flags()
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. All options are --flags.")
-    config = trainer_flags.config_from_flags()
     try:
+        config = trainer_flags.config_from_flags()
         result = train_lib.run(config)
     except train_lib.SetupError as error:
         logging.error("%s", error)

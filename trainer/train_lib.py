@@ -31,16 +31,12 @@ from trainer import data
 from trainer import distribution
 from trainer import preemption
 from trainer import sampling
-from trainer.config import TrainConfig
+from trainer.config import SetupError, TrainConfig
 from trainer.model import CharLSTM, ModelConfig, build_model, load_model_config, save_model_config, MODEL_CONFIG_FILENAME
 from trainer.vocabulary import VOCABULARY_FILENAME, Vocabulary, VocabularyError, atomic_write_text
 
 SUMMARY_FILENAME = "summary.json"
 LN2 = math.log(2.0)
-
-
-class SetupError(ValueError):
-    """Raised before any work when the flags, corpus or model directory cannot be used."""
 
 
 @dataclasses.dataclass
@@ -73,6 +69,11 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     num_validation = int(round(len(corpus.text) * config.validation_fraction))
     train_text = corpus.text[:len(corpus.text) - num_validation]
     vocabulary = Vocabulary.build(train_text, config.min_char_count, corpus.name)
+    if vocabulary.size < 2:
+        raise SetupError(
+            f"--min_char_count={config.min_char_count} leaves no character of corpus "
+            f"{corpus.name!r} in the vocabulary: no character occurs that often in its "
+            f"{len(train_text)} training characters. Lower --min_char_count.")
     check_model_dir(config, vocabulary)
 
     ids = vocabulary.encode(corpus.text)
