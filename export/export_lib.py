@@ -94,7 +94,7 @@ def load_training_artifacts(model_dir: str) -> tuple:
             f"Invalid {MODEL_CONFIG_FILENAME} in --model_dir={model_dir!r}: {error}") from error
     if vocabulary.size != model_config.vocab_size:
         raise ExportError(
-            f"{VOCABULARY_FILENAME} has {vocabulary.size} ids but {MODEL_CONFIG_FILENAME} says "
+            f"{VOCABULARY_FILENAME} has {vocabulary.size} ids but {MODEL_CONFIG_FILENAME} sets "
             f"vocab_size={model_config.vocab_size} in --model_dir={model_dir!r}. The files come "
             "from different runs; retrain or restore the matching files.")
     return vocabulary, model_config
@@ -280,9 +280,10 @@ def sample_from_saved_model(path: str, prompt: str, num_chars: int, temperature:
       num_chars: characters to generate.
       temperature: sampling temperature, 0 for greedy.
       seed: the first seed word; the seed of row 0 is `[seed, 0]`.
-      signature: `step_no_xla` or `serving_default` (one call per character,
-        carrying the state, as a streaming client does), or `generate` (one
-        call; `num_chars` must be within the export's max_generate_chars).
+      signature: `step_no_xla` or `serving_default` to call the step once per
+        character and carry the state, as a streaming client does. `generate`
+        makes one call, so `num_chars` must be within the export's
+        max_generate_chars.
 
     Returns:
       The generated continuation, without the prompt.
@@ -308,7 +309,7 @@ def sample_from_saved_model(path: str, prompt: str, num_chars: int, temperature:
     step = signatures[signature]
     pieces = []
     for t in range(num_chars):
-        # Step t uses trainer.sampling.step_seeds(seed, t): the second word plus t.
+        # Step t uses the seed [seed, t], which is trainer.sampling.step_seeds([[seed, 0]], t).
         out = step(ids=ids, h=h, c=c, temperature=temperatures,
                    seed=seeds + tf.constant([[0, t]], tf.int32))
         ids, h, c = out["ids"], out["h"], out["c"]
@@ -328,7 +329,7 @@ def export_after_training(config, result) -> tuple[Optional[str], str]:
       `config.sample_length` characters). Non-chief workers sample from the
       in-memory model as before, because only the chief exports.
     """
-    from trainer import train_lib  # Imported here: train_lib is heavy and export_lib is a library.
+    from trainer import train_lib  # Imported here because train_lib pulls in the data pipeline.
 
     if not distribution.is_chief(result.trainer.strategy):
         return None, train_lib.final_sample(config, result)

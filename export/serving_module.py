@@ -26,7 +26,7 @@ from trainer.model import CharLSTM
 from trainer.sampling import sample_ids, step_seeds
 from trainer.vocabulary import UNKNOWN_CHARACTER, UNKNOWN_ID, Vocabulary
 
-# Generated `ids` past a row's `num_chars` hold this value, never a real id.
+# Generated `ids` past a row's `num_chars` contain this value, never a real id.
 GENERATE_PADDING_ID = -1
 EMPTY_PROMPT_REPLACEMENT = "\n"
 UNKNOWN_CHARACTER_POLICY = (
@@ -53,7 +53,7 @@ class ExportMetadata:
 class CharLSTMServing(tf.Module):
     """Sampling signatures over a restored `CharLSTM` and its vocabulary.
 
-    The signature functions are the methods without a leading underscore;
+    The signature functions are the methods without a leading underscore.
     `signatures()` returns them under their serving names.
     """
 
@@ -85,7 +85,7 @@ class CharLSTMServing(tf.Module):
         self.char_to_id = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(characters, known_ids),
             default_value=UNKNOWN_ID, name="char_to_id")
-        # Index i is the character of id i; id 0 is U+FFFD.
+        # Index i is the character of id i, and id 0 is U+FFFD.
         self.id_to_char = tf.constant([UNKNOWN_CHARACTER] + list(vocabulary.characters),
                                       tf.string)  # [vocab]
         self.metadata_values = metadata
@@ -242,34 +242,34 @@ class CharLSTMServing(tf.Module):
 
     @tf.function
     def step(self, ids, h, c, temperature, seed):
-        """One sampling step, the inner part compiled with XLA (`serving_default`)."""
+        """Samples the next character from `ids`, with the model maths compiled by XLA (`serving_default`)."""
         return self._step_outputs(True, ids, h, c, temperature, seed)
 
     @tf.function
     def step_no_xla(self, ids, h, c, temperature, seed):
-        """The same step as `step` without XLA."""
+        """Samples the next character like `step`, without XLA."""
         return self._step_outputs(False, ids, h, c, temperature, seed)
 
     @tf.function
     def step_chars(self, chars, h, c, temperature, seed):
-        """One sampling step from characters instead of ids, inner part compiled with XLA."""
+        """Samples the next character from `chars`, with the model maths compiled by XLA."""
         return self._step_outputs(True, self._chars_to_ids(chars), h, c, temperature, seed)
 
     @tf.function
     def step_chars_no_xla(self, chars, h, c, temperature, seed):
-        """The same step as `step_chars` without XLA."""
+        """Samples the next character like `step_chars`, without XLA."""
         return self._step_outputs(False, self._chars_to_ids(chars), h, c, temperature, seed)
 
     @tf.function
     def initial_state(self, batch):
-        """Zero state for `len(batch)` rows; the values of `batch` are ignored."""
+        """Returns the zero state for `len(batch)` rows. The values of `batch` are ignored."""
         shape = tf.stack([tf.shape(batch)[0], self.num_layers, self.units])
         zeros = tf.zeros(shape, tf.float32)  # [batch, num_layers, units]
         return {"h": zeros, "c": zeros}
 
     @tf.function
     def prime(self, prompts):
-        """State after each prompt but its last character, and that last character's id."""
+        """Returns the state after each prompt but its last character, and that character's id."""
         h, c, last_ids, lengths = self._prime(prompts)
         return {"h": h, "c": c, "ids": last_ids, "lengths": lengths}
 
@@ -322,7 +322,7 @@ class CharLSTMServing(tf.Module):
 
     @tf.function
     def metadata(self, batch):
-        """Model facts, repeated once per row of `batch` so server-side batching can split them."""
+        """Returns model facts, repeated once per row of `batch` so server-side batching can split them."""
         batch_size = tf.shape(batch)[0]
 
         def repeat(value, dtype):

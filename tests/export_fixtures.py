@@ -1,7 +1,7 @@
 """Shared set-up for the export tests: one tiny trained model directory and its export.
 
 Training and exporting take several seconds each, so the first test that
-asks for them builds them once per pytest session and later tests reuse
+requests them builds them once per pytest session and later tests reuse
 them (`functools.cache` keyed by the session's temporary root).
 """
 

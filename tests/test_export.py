@@ -16,7 +16,7 @@ from trainer.vocabulary import UNKNOWN_CHARACTER
 from export_fixtures import UNSEEN_CHARACTERS, seeds, trained_export, utf8, zero_state
 
 # Stepping one character at a time and running a whole sequence at once add
-# up the same float32 products in different orders; observed differences are
+# up the same float32 products in different orders. Observed differences are
 # below 1e-6, so 1e-4 leaves room without hiding a wrong state.
 TEACHER_FORCING_ATOL = 1e-4
 # XLA fuses and reorders float32 maths; observed differences are below 1e-6.

@@ -83,7 +83,8 @@ def test_killed_export_leaves_no_version(trained, tmp_path):
     assert completed.returncode == -signal.SIGKILL
     left = os.listdir(export_dir)
     assert not [name for name in left if name.isdigit()]
-    assert len(left) == 1 and left[0].startswith(export_lib.TEMP_PREFIX)
+    assert len(left) == 1
+    assert left[0].startswith(export_lib.TEMP_PREFIX)
 
     path = export_lib.export_saved_model(trained.model_dir, str(export_dir))
     assert os.listdir(export_dir) == [os.path.basename(path)]

@@ -76,8 +76,8 @@ def test_non_positive_max_generate_chars_is_rejected(untrained_dir):
 
 
 def test_model_only_checkpoint_is_rejected(tmp_path):
-    # tf.train.Checkpoint(model=model) holds the embedding and logits but no
-    # LSTM weights, and no optimizer.
+    # tf.train.Checkpoint(model=model) contains the embedding and logits but
+    # no LSTM weights, and no optimizer.
     model_dir = str(tmp_path / "model")
     write_untrained_model_dir(model_dir, model_only_checkpoint=True)
     with pytest.raises(export_lib.ExportError, match="not written by charlstm training"):
