@@ -214,22 +214,28 @@ class Trainer:
         runs with different replica counts would diverge. So the gradients are
         summed here, clipped, and handed to the optimizer divided by the replica
         count: the optimizer sums over replicas again, and the sum is the
-        clipped global gradient. That costs a second all-reduce; with
-        --clip_norm=0 the first one is skipped.
+        clipped global gradient. That costs a second all-reduce.
+
+        Keras's LossScaleOptimizer decides whether to skip a step from the
+        gradients of the first replica only, so under loss scaling the sum is
+        taken even without clipping: a non-finite gradient on any replica then
+        makes every replica skip. With --clip_norm=0 and no loss scaling the
+        first all-reduce is skipped.
         """
         variables = self.model.trainable_variables
         gradients = [tf.convert_to_tensor(g) for g in gradients]
-        if self.clip_norm > 0:
+        if self.clip_norm > 0 or self.uses_loss_scaling:
             context = tf.distribute.get_replica_context()
             gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-            norm = tf.linalg.global_norm(gradients)
-            if self.uses_loss_scaling:
-                norm = norm / tf.cast(self.optimizer.dynamic_scale, norm.dtype)
-            # min(1, clip / norm); an infinite or NaN norm leaves non-finite
-            # gradients, which the loss scale optimizer then skips.
-            factor = self.clip_norm / tf.maximum(norm, self.clip_norm)
-            factor = factor / self.strategy.num_replicas_in_sync
-            gradients = [g * factor for g in gradients]
+            factor = 1.0 / self.strategy.num_replicas_in_sync
+            if self.clip_norm > 0:
+                norm = tf.linalg.global_norm(gradients)
+                if self.uses_loss_scaling:
+                    norm = norm / tf.cast(self.optimizer.dynamic_scale, norm.dtype)
+                # min(1, clip / norm); an infinite or NaN norm leaves non-finite
+                # gradients, which the loss scale optimizer then skips.
+                factor *= self.clip_norm / tf.maximum(norm, self.clip_norm)
+            gradients = [g * tf.cast(factor, g.dtype) for g in gradients]
         self.optimizer.apply_gradients(zip(gradients, variables))
 
     def train_loop(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
