@@ -157,12 +157,109 @@ def benchmark_train() -> None:
     emit("train", settings, durations, FLAGS.batch_size * FLAGS.seq_length)
 
 
+def export_untrained_model(work_dir: str) -> str:
+    """Saves an untrained model as a training run would, exports it, and returns the version dir.
+
+    Sampling speed does not depend on the weights' values, so the benchmark
+    skips training.
+    """
+    from export import export_lib
+    from trainer import train_lib
+    from trainer.model import save_model_config
+    from trainer.vocabulary import Vocabulary
+
+    if FLAGS.text is None:
+        # Letters from U+0100 on: vocab_size - 1 distinct characters, plus the unknown id.
+        text = "".join(chr(0x100 + index) for index in range(FLAGS.vocab_size - 1))
+        vocabulary = Vocabulary.build(text, 1, "random")
+    else:
+        with tf.io.gfile.GFile(FLAGS.text, "r") as f:
+            vocabulary = Vocabulary.build(f.read(), 1, FLAGS.text)
+    model_dir = os.path.join(work_dir, "model")
+    model_config = ModelConfig(
+        vocab_size=vocabulary.size, input_encoding=FLAGS.input, embedding_dim=FLAGS.embedding_dim,
+        num_layers=FLAGS.layers, units=FLAGS.units, precision=PRECISIONS[FLAGS.dtype],
+        lstm_implementation=FLAGS.lstm_implementation)
+    trainer = train_lib.Trainer(tf.distribute.get_strategy(), model_config, 1, 1e-3, clip_norm=0.0)
+    tf.io.gfile.makedirs(model_dir)
+    trainer.checkpoint.save(os.path.join(model_dir, "ckpt"))
+    vocabulary.save(model_dir)
+    save_model_config(model_config, model_dir)
+    return export_lib.export_saved_model(model_dir, os.path.join(work_dir, "export"))
+
+
+def benchmark_step(loaded, settings: dict[str, Any]) -> None:
+    """Times the exported step signatures called from a Python loop that carries the state."""
+    for batch_size in (int(value) for value in FLAGS.generate_batch_sizes):
+        for name in ("serving_default", "step_no_xla"):
+            step = loaded.signatures[name]
+            zeros = tf.zeros([batch_size, FLAGS.layers, FLAGS.units], tf.float32)
+            temperature = tf.fill([batch_size], 0.8)
+            seeds = tf.stack([tf.range(batch_size), tf.zeros([batch_size], tf.int32)], axis=1)
+
+            def call():
+                ids, h, c = tf.ones([batch_size], tf.int32), zeros, zeros
+                for t in range(FLAGS.num_chars):
+                    outputs = step(ids=ids, h=h, c=c, temperature=temperature,
+                                   seed=seeds + tf.constant([0, t]))
+                    ids, h, c = outputs["ids"], outputs["h"], outputs["c"]
+                ids.numpy()
+
+            durations = time_calls(call, FLAGS.warmup, FLAGS.steps)
+            emit("step", {**settings, "signature": name, "batch_size": batch_size,
+                          "num_chars": FLAGS.num_chars},
+                 durations, batch_size * FLAGS.num_chars)
+
+
+def benchmark_generate(loaded, settings: dict[str, Any]) -> None:
+    """Times the exported server-side `generate` signature."""
+    generate = loaded.signatures["generate"]
+    for batch_size in (int(value) for value in FLAGS.generate_batch_sizes):
+        inputs = dict(
+            prompts=tf.constant(["The "] * batch_size),
+            num_chars=tf.fill([batch_size], FLAGS.num_chars),
+            temperature=tf.fill([batch_size], 0.8),
+            top_k=tf.zeros([batch_size], tf.int32),
+            seed=tf.stack([tf.range(batch_size), tf.zeros([batch_size], tf.int32)], axis=1))
+
+        def call():
+            generate(**inputs)["ids"].numpy()
+
+        durations = time_calls(call, FLAGS.warmup, FLAGS.steps)
+        emit("generate", {**settings, "signature": "generate", "batch_size": batch_size,
+                          "num_chars": FLAGS.num_chars},
+             durations, batch_size * FLAGS.num_chars)
+
+
+def benchmark_sampler(modes: set[str]) -> None:
+    """Exports an untrained model to a temporary directory and times its signatures."""
+    with tempfile.TemporaryDirectory(prefix="charlstm-benchmark-") as work_dir:
+        version_dir = export_untrained_model(work_dir)
+        loaded = tf.saved_model.load(version_dir)
+        settings = model_settings()
+        if "step" in modes:
+            benchmark_step(loaded, settings)
+        if "generate" in modes:
+            benchmark_generate(loaded, settings)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    for value in FLAGS.generate_batch_sizes:
+        if not value.isdigit() or int(value) < 1:
+            raise app.UsageError(
+                f"--generate_batch_sizes={','.join(FLAGS.generate_batch_sizes)} must list "
+                f"positive integers; {value!r} is not one.")
+    if FLAGS.text is not None and not tf.io.gfile.exists(FLAGS.text):
+        raise app.UsageError(f"--text={FLAGS.text!r} not found. Pass a UTF-8 text file, or omit "
+                             "the flag to train on random ids.")
     if FLAGS.mode in ("train", "all"):
         benchmark_train()
+    modes = {"step", "generate"} if FLAGS.mode == "all" else {FLAGS.mode}
+    if modes & {"step", "generate"}:
+        benchmark_sampler(modes)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,33 @@ def test_float32_gradients_match_keras(input_encoding):
                      1e-5, relative=True)
 
 
+@pytest.mark.parametrize("input_encoding", ["embedding", "one_hot"])
+def test_single_step_matches_keras(input_encoding):
+    # Two ids, fewer than the vocabulary: the fused path embeds them one by
+    # one instead of projecting the whole table, and runs no loop.
+    keras_model, fused_model = make_pair(input_encoding=input_encoding)
+    ids, state = random_inputs(keras_model)
+    ids, state = ids[:2, :1], [(h[:2], c[:2]) for h, c in state]
+    expected_logits, _, expected = outputs_and_gradients(keras_model, ids, state)
+    logits, _, gradients = outputs_and_gradients(fused_model, ids, state)
+    assert_close(expected_logits, logits, 1e-5)
+    for expected_gradient, gradient in zip(expected, gradients):
+        assert_close(tf.convert_to_tensor(expected_gradient), tf.convert_to_tensor(gradient),
+                     1e-5, relative=True)
+
+
+@pytest.mark.parametrize("batch_size", [1, BATCH])
+def test_unknown_shape_matches_keras(batch_size):
+    # In a graph with unknown batch and time the projection is chosen at run time.
+    keras_model, fused_model = make_pair()
+    ids, state = random_inputs(keras_model)
+    ids, state = ids[:batch_size], [(h[:batch_size], c[:batch_size]) for h, c in state]
+    spec = tf.TensorSpec([None, None], tf.int32)
+    fused_call = tf.function(lambda ids: fused_model(ids, state)[0], input_signature=[spec])
+    assert_close(keras_model(ids, state)[0], fused_call(ids), 1e-5)
+    assert_close(keras_model(ids[:, :1], state)[0], fused_call(ids[:, :1]), 1e-5)
+
+
 def test_bfloat16_matches_keras_loosely():
     keras_model, fused_model = make_pair(precision="mixed_bfloat16")
     ids, state = random_inputs(keras_model)

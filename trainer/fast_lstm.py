@@ -48,6 +48,66 @@ def resolve_implementation(name: str) -> str:
     return "keras" if tf.config.list_logical_devices("GPU") else "fused"
 
 
+def embedding_projection(ids: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor,
+                         bias: tf.Tensor) -> tf.Tensor:
+    """Returns `embeddings[ids] @ kernel + bias` in float32, [*ids.shape, 4 * units].
+
+    An embedding lookup followed by `@ kernel` equals a lookup in the
+    projected table `embeddings @ kernel`, [vocab, 4 * units]. The table costs
+    vocab matmul rows and the direct way one row per id, so the table is
+    used when there are at least as many ids as vocabulary entries (training
+    batches), and the direct way otherwise (sampling steps).
+
+    Args:
+      ids: int32 ids of any shape.
+      embeddings: [vocab, input] in the matmul dtype. For one-hot input pass
+        None: then the kernel itself is the table.
+      kernel: [input, 4 * units] in the matmul dtype.
+      bias: float32 [4 * units].
+    """
+    if embeddings is None:
+        return tf.gather(tf.cast(kernel, tf.float32) + bias, ids)
+
+    def via_table():
+        table = tf.cast(tf.matmul(embeddings, kernel), tf.float32) + bias  # [vocab, 4 * units]
+        return tf.gather(table, ids)
+
+    def via_rows():
+        rows = tf.gather(embeddings, tf.reshape(ids, [-1]))  # [ids, input]
+        projection = tf.cast(tf.matmul(rows, kernel), tf.float32) + bias  # [ids, 4 * units]
+        return tf.reshape(projection, tf.concat([tf.shape(ids), tf.shape(bias)], axis=0))
+
+    use_table = tf.size(ids) >= tf.shape(embeddings)[0]
+    static_use_table = tf.get_static_value(use_table)
+    if static_use_table is not None:
+        return via_table() if static_use_table else via_rows()
+    return tf.cond(use_table, via_table, via_rows)
+
+
+def _cell(projection, h, c, recurrent_kernel):
+    """Advances the state one timestep.
+
+    Args:
+      projection: float32 [batch, 4 * units], x_t @ kernel + bias.
+      h, c: float32 [batch, units].
+      recurrent_kernel: [units, 4 * units] in the matmul dtype.
+
+    Returns:
+      (h, c float32 [batch, units], the activated gates i, f, g, o as float32
+      [batch, 4 * units]).
+    """
+    recurrent = tf.matmul(tf.cast(h, recurrent_kernel.dtype), recurrent_kernel)  # [batch, 4 * units]
+    z = projection + tf.cast(recurrent, tf.float32)
+    z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
+    i = tf.sigmoid(z_i)
+    f = tf.sigmoid(z_f)
+    g = tf.tanh(z_g)
+    o = tf.sigmoid(z_o)
+    c = f * c + i * g
+    h = o * tf.tanh(c)
+    return h, c, tf.concat([i, f, g, o], axis=1)
+
+
 def _forward(inputs_projection, h0, c0, recurrent_kernel):
     """Runs the recurrence and returns what the backward pass needs.
 
@@ -62,27 +122,21 @@ def _forward(inputs_projection, h0, c0, recurrent_kernel):
       the activated i, f, g, o.
     """
     num_steps = tf.shape(inputs_projection)[0]
-    matmul_dtype = recurrent_kernel.dtype
-    hs = tf.TensorArray(tf.float32, size=num_steps + 1, element_shape=h0.shape).write(0, h0)
-    cs = tf.TensorArray(tf.float32, size=num_steps + 1, element_shape=c0.shape).write(0, c0)
+    # The batch size of the state and of the projection may be known in one
+    # and unknown in the other, so the loop leaves it unknown.
+    state_shape = tf.TensorShape([None, h0.shape[1]])
+    hs = tf.TensorArray(tf.float32, size=num_steps + 1, element_shape=state_shape).write(0, h0)
+    cs = tf.TensorArray(tf.float32, size=num_steps + 1, element_shape=state_shape).write(0, c0)
     gates_array = tf.TensorArray(tf.float32, size=num_steps)
 
     def body(t, h, c, hs, cs, gates_array):
-        recurrent = tf.matmul(tf.cast(h, matmul_dtype), recurrent_kernel)  # [batch, 4 * units]
-        z = inputs_projection[t] + tf.cast(recurrent, tf.float32)
-        z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
-        i = tf.sigmoid(z_i)
-        f = tf.sigmoid(z_f)
-        g = tf.tanh(z_g)
-        o = tf.sigmoid(z_o)
-        c = f * c + i * g
-        h = o * tf.tanh(c)
-        return (t + 1, h, c, hs.write(t + 1, h), cs.write(t + 1, c),
-                gates_array.write(t, tf.concat([i, f, g, o], axis=1)))
+        h, c, gates = _cell(inputs_projection[t], h, c, recurrent_kernel)
+        return (t + 1, h, c, hs.write(t + 1, h), cs.write(t + 1, c), gates_array.write(t, gates))
 
     _, _, _, hs, cs, gates_array = tf.while_loop(
         lambda t, *_: t < num_steps, body,
         (tf.constant(0), h0, c0, hs, cs, gates_array),
+        shape_invariants=(tf.TensorShape([]), state_shape, state_shape, None, None, None),
         maximum_iterations=num_steps)
     return hs.stack(), cs.stack(), gates_array.stack()
 
@@ -97,6 +151,7 @@ def _backward(d_outputs, d_h_last, d_c_last, hs, cs, gates, recurrent_kernel):
     """
     num_steps = tf.shape(gates)[0]
     matmul_dtype = recurrent_kernel.dtype
+    state_shape = tf.TensorShape([None, d_h_last.shape[1]])
     dz_array = tf.TensorArray(tf.float32, size=num_steps)
 
     def body(t, dh_next, dc_next, dz_array):
@@ -118,6 +173,7 @@ def _backward(d_outputs, d_h_last, d_c_last, hs, cs, gates, recurrent_kernel):
     _, dh0, dc0, dz_array = tf.while_loop(
         lambda t, *_: t >= 0, body,
         (num_steps - 1, d_h_last, d_c_last, dz_array),
+        shape_invariants=(tf.TensorShape([]), state_shape, state_shape, None),
         maximum_iterations=num_steps)
     return dz_array.stack(), dh0, dc0
 
@@ -137,6 +193,12 @@ def lstm_sequence(inputs_projection: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
       (outputs float32 [time, batch, units], h_T, c_T float32 [batch, units]).
       Gradients flow to all four arguments.
     """
+    if inputs_projection.shape[0] == 1:
+        # One timestep (a sampling step): no loop, and TensorFlow's own
+        # gradients suffice.
+        h, c, _ = _cell(inputs_projection[0], h0, c0, recurrent_kernel)
+        return h[None], h, c
+
 
     @tf.custom_gradient
     def run(inputs_projection, h0, c0, recurrent_kernel):

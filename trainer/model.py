@@ -156,16 +156,10 @@ class CharLSTM(keras.Model):
             kernel = tf.cast(cell.kernel, matmul_dtype)  # [input, 4 * units]
             bias = tf.cast(cell.bias, tf.float32)  # [4 * units]
             if index == 0:
-                # An embedding lookup followed by `@ kernel` is a lookup in
-                # `table @ kernel`, [vocab, 4 * units]: a matmul over the
-                # vocabulary instead of over every batch position. For
-                # one-hot input the kernel itself is that table.
-                if self.embedding is not None:
-                    table = tf.matmul(tf.cast(self.embedding.embeddings, matmul_dtype), kernel)
-                else:
-                    table = kernel
-                table = tf.cast(table, tf.float32) + bias  # [vocab, 4 * units]
-                projection = tf.gather(table, time_major_ids)  # [time, batch, 4 * units]
+                embeddings = (None if self.embedding is None
+                              else tf.cast(self.embedding.embeddings, matmul_dtype))
+                projection = fast_lstm.embedding_projection(
+                    time_major_ids, embeddings, kernel, bias)  # [time, batch, 4 * units]
             else:
                 flat = tf.reshape(tf.cast(features, matmul_dtype), [-1, tf.shape(features)[2]])
                 projection = tf.cast(tf.matmul(flat, kernel), tf.float32) + bias  # [time * batch, 4 * units]
