@@ -91,3 +91,14 @@ def parse_trainer_flags():
 
     yield parse
     flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Makes building a train_lib.Trainer an error, to show a check ran before it."""
+    from trainer import train_lib
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Trainer was built before the bad input was rejected")
+
+    monkeypatch.setattr(train_lib.Trainer, "__init__", fail)

@@ -14,16 +14,6 @@ from trainer import train_lib
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def no_model_build(monkeypatch):
-    """Makes building a Trainer an error, so a test sees whether a check ran first."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the Trainer was built before the bad input was rejected")
-
-    monkeypatch.setattr(train_lib.Trainer, "__init__", fail)
-
-
 def write_bytes(tmp_path, name: str, data: bytes) -> str:
     path = tmp_path / name
     path.write_bytes(data)

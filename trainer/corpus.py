@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import os
 from typing import Sequence
 
@@ -114,11 +115,22 @@ def read_tfds(name: str, split: str = "train", text_key: str = "text",
 
     try:
         dataset = tfds.load(name, split=split, data_dir=data_dir, download=download)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        # TFDS's own message lists every dataset it knows, hundreds of lines;
+        # only close matches are shown. Community datasets are left out of
+        # the list because listing them reads from Google Cloud Storage.
+        known = sorted(set(tfds.list_builders(with_community_datasets=False)))
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(repr(match) for match in close)}?" if close else ""
+        raise CorpusError(
+            f"--tfds_name={name!r} is not a dataset known to tensorflow-datasets "
+            f"{tfds.__version__}.{hint} Check the spelling, or for a dataset of your own "
+            "import the module that defines its builder.") from error
     except Exception as error:  # TFDS raises many types for one cause.
         raise CorpusError(
             f"--tfds_name={name!r} --tfds_split={split!r}: loading failed: {error}. "
-            "Check the name with `tfds.list_builders()`, and on a machine without "
-            "network access prepare the dataset first and pass --tfds_data_dir.") from error
+            "On a machine without network access, prepare the dataset elsewhere, "
+            "copy its data directory over and pass --tfds_data_dir.") from error
     pieces = []
     for example in dataset.as_numpy_iterator():
         if text_key not in example:
