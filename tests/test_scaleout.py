@@ -281,6 +281,36 @@ def test_sigterm_to_one_worker_stops_all(tmp_path, tiny_config):
     for log in logs:
         assert f"at step {step}. Exiting with code {preemption.PREEMPTED_EXIT_CODE}" in log
 
+    resumed_config = dataclasses.replace(config, train_steps=step + 3)
+    processes = _start_workers(tmp_path, [resumed_config, resumed_config])
+    try:
+        exit_codes = _wait(processes)
+    finally:
+        _kill(processes)
+    logs = [_read_log(tmp_path / f"worker{i}.log") for i in range(2)]
+    assert exit_codes == [0, 0], logs[0][-3000:]
+    for log in logs:
+        assert f"Resumed from {latest} at step {step}." in log
+    with open(tmp_path / "model" / "summary.json") as f:
+        assert json.load(f)["steps_this_run"] == 3
+
+
+def test_workers_reject_different_checkpoints(tmp_path, tiny_config):
+    # Worker 1 sees a checkpoint that worker 0 cannot, as with a --model_dir
+    # on one machine's local disk.
+    train_lib.run(tiny_config(model_dir=str(tmp_path / "worker1"), strategy="one_device"))
+    configs = [tiny_config(model_dir=str(tmp_path / f"worker{i}"), strategy="multi_worker",
+                           sample_length=0) for i in range(2)]
+    processes = _start_workers(tmp_path, configs)
+    try:
+        exit_codes = _wait(processes)
+    finally:
+        _kill(processes)
+    chief_log = _read_log(tmp_path / "worker0.log")
+    assert exit_codes == [2, 2], chief_log[-3000:]
+    assert "Worker 1 restored step 6 but worker 0 restored step 0" in chief_log
+    assert not glob.glob(str(tmp_path / "worker0" / "ckpt-*"))
+
 
 # ---------------------------------------------------------------- SIGTERM on one machine
 
