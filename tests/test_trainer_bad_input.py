@@ -1,4 +1,4 @@
-"""Bad input fails before the model is built, says what to fix, and writes nothing."""
+"""Bad input fails before the model is built, names the fix, and writes nothing."""
 
 from __future__ import annotations
 

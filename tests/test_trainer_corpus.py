@@ -41,7 +41,7 @@ def test_glob_expands_sorted(tmp_path):
 
 
 def test_non_local_filesystem_through_gfile():
-    # TensorFlow's in-memory filesystem stands in for gs:// here: both go
+    # TensorFlow's in-memory filesystem replaces gs:// here: both go
     # through tf.io.gfile, and this one needs no network.
     tf.io.gfile.makedirs("ram://corpus_test/")
     for name in ("x.txt", "y.txt"):

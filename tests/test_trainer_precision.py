@@ -58,7 +58,7 @@ def test_float16_wraps_adam_in_loss_scaling():
 @pytest.mark.parametrize("clip_norm", [5.0, 0.0])
 def test_non_finite_gradient_skips_step(clip_norm):
     trainer = make_trainer("mixed_float16", clip_norm=clip_norm)
-    train(trainer, 1)  # creates the optimizer's slots with one real step
+    train(trainer, 1)  # One real step first, as in training.
     variables = trainer.model.trainable_variables
     before = [v.numpy() for v in variables]
     scale_before = float(trainer.optimizer.dynamic_scale)

@@ -137,7 +137,8 @@ def test_progress_and_validation_log_lines(trained):
         assert re.fullmatch(PROGRESS_LINE, line), line
     validation = [m for m in messages if "validation loss" in m]
     assert len(validation) == 2
-    assert "nats/char" in validation[0] and "bits/char" in validation[0]
+    assert "nats/char" in validation[0]
+    assert "bits/char" in validation[0]
 
 
 def test_same_seed_same_weights(tiny_config, tmp_path):

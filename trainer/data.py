@@ -91,8 +91,8 @@ def make_train_dataset(ids: np.ndarray, seq_length: int, global_batch_size: int,
         return tf.data.Dataset.from_tensor_slices(tf.reshape(starts, [-1]))
 
     def window(start):
-        # The slice bounds are tensors, so the static length is set by hand:
-        # TPUs and XLA need static shapes.
+        # The slice bounds are tensors, so the static length is set here,
+        # because XLA and TPUs need static shapes.
         chunk = tf.ensure_shape(ids_tensor[start:start + seq_length + 1], [seq_length + 1])
         return chunk[:-1], chunk[1:]
 
