@@ -85,6 +85,12 @@ def test_resume_with_edited_corpus_fails(runs, make_tiny_config, tiny_corpus, tm
         train_lib.run(make_tiny_config(runs["split_dir"], text_files=(str(edited),)))
 
 
+def test_resume_with_other_validation_fraction_fails(runs, make_tiny_config):
+    with pytest.raises(train_lib.SetupError,
+                       match=r"a changed --validation_fraction also counts as a different text"):
+        train_lib.run(make_tiny_config(runs["split_dir"], validation_fraction=0.1))
+
+
 def test_resume_with_other_units_fails(runs, make_tiny_config):
     with pytest.raises(train_lib.SetupError, match=r"units=16.*asks for 32.*--units=16"):
         train_lib.run(make_tiny_config(runs["split_dir"], units=32))

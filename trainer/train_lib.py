@@ -113,8 +113,10 @@ def check_model_dir(config: TrainConfig, vocabulary: Vocabulary) -> None:
                 f"--model_dir={config.model_dir!r} was trained on corpus {saved.corpus_name!r} "
                 f"and this run reads {vocabulary.corpus_name!r}, a different text (vocabulary "
                 f"size {saved.size} vs {vocabulary.size}; characters added {added[:20]!r}, "
-                f"removed {removed[:20]!r}). Resume with the original corpus and "
-                "--min_char_count, or train into a new --model_dir.")
+                f"removed {removed[:20]!r}). The check covers the training split, so a "
+                "changed --validation_fraction also counts as a different text. Resume with "
+                "the original corpus, --min_char_count and --validation_fraction, or train "
+                "into a new --model_dir.")
     config_path = tf.io.gfile.join(config.model_dir, MODEL_CONFIG_FILENAME)
     if tf.io.gfile.exists(config_path):
         saved_config = load_model_config(config.model_dir)
