@@ -245,7 +245,8 @@ def benchmark_sampler(modes: set[str]) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise app.UsageError(f"Unexpected positional arguments: {' '.join(argv[1:])}. "
+                             "Pass settings as --flags.")
     logging.set_verbosity(logging.WARNING)
     for value in FLAGS.generate_batch_sizes:
         if not value.isdigit() or int(value) < 1:
