@@ -335,11 +335,9 @@ def _run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunResult:
             f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas in "
             f"sync. Use a multiple of {replicas}.")
     precision = distribution.resolve_precision(config.precision)
+    keras.utils.set_random_seed(config.seed)
     if config.deterministic:
-        keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
-    else:
-        keras.utils.set_random_seed(config.seed)
 
     steps_per_epoch = prepared.steps_per_epoch
     total_steps = config.train_steps or config.epochs * steps_per_epoch
@@ -422,30 +420,15 @@ def _run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunResult:
         if step % config.log_every_steps == 0 or step == total_steps:
             now = time.perf_counter()
             chars_per_second = window_steps * chars_per_step / max(now - window_start, 1e-9)
-            remaining = (total_steps - step) * chars_per_step / max(chars_per_second, 1e-9)
-            if chief:
-                logging.info("step %6d/%d | loss %.4f | %9.0f chars/s | eta %s", step, total_steps,
-                             train_loss, chars_per_second, format_duration(remaining))
-            with train_writer.as_default(step=step):
-                tf.summary.scalar("loss", train_loss)
-                tf.summary.scalar("bits_per_char", train_loss / LN2)
-                tf.summary.scalar("learning_rate", float(_current_learning_rate(trainer)))
-                tf.summary.scalar("chars_per_second", chars_per_second)
+            _log_progress(trainer, train_writer, chief, step, total_steps, train_loss,
+                          chars_per_second, chars_per_step)
             window_start, window_steps = now, 0
 
         if step % eval_every == 0 or step == total_steps:
             validation_loss = trainer.evaluate(validation)
-            if chief:
-                logging.info("step %6d/%d | validation loss %.4f nats/char, %.4f bits/char",
-                             step, total_steps, validation_loss, validation_loss / LN2)
-            with validation_writer.as_default(step=step):
-                tf.summary.scalar("loss", validation_loss)
-                tf.summary.scalar("bits_per_char", validation_loss / LN2)
-                if step % steps_per_epoch == 0 or step == total_steps:
-                    sample = sampling.generate_text(trainer.model, prepared.vocabulary,
-                                                    config.sample_prompt, 200,
-                                                    config.sample_temperature, config.seed)
-                    tf.summary.text("sample", config.sample_prompt + sample)
+            with_sample = step % steps_per_epoch == 0 or step == total_steps
+            _log_validation(config, trainer, prepared.vocabulary, validation_writer, chief, step,
+                            total_steps, validation_loss, with_sample)
 
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
             manager.save(checkpoint_number=step)
@@ -476,6 +459,36 @@ def _run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunResult:
         atomic_write_text(tf.io.gfile.join(config.model_dir, SUMMARY_FILENAME),
                           json.dumps(summary, indent=1, default=str))
     return RunResult(summary=summary, trainer=trainer, vocabulary=prepared.vocabulary)
+
+
+def _log_progress(trainer: Trainer, writer, chief: bool, step: int, total_steps: int,
+                  train_loss: float, chars_per_second: float, chars_per_step: int) -> None:
+    """Writes the progress line (chief only) and the training scalars."""
+    remaining = (total_steps - step) * chars_per_step / max(chars_per_second, 1e-9)
+    if chief:
+        logging.info("step %6d/%d | loss %.4f | %9.0f chars/s | eta %s", step, total_steps,
+                     train_loss, chars_per_second, format_duration(remaining))
+    with writer.as_default(step=step):
+        tf.summary.scalar("loss", train_loss)
+        tf.summary.scalar("bits_per_char", train_loss / LN2)
+        tf.summary.scalar("learning_rate", _current_learning_rate(trainer))
+        tf.summary.scalar("chars_per_second", chars_per_second)
+
+
+def _log_validation(config: TrainConfig, trainer: Trainer, vocabulary: Vocabulary, writer,
+                    chief: bool, step: int, total_steps: int, validation_loss: float,
+                    with_sample: bool) -> None:
+    """Logs the validation loss (chief only) and writes it, with a text sample per epoch."""
+    if chief:
+        logging.info("step %6d/%d | validation loss %.4f nats/char, %.4f bits/char",
+                     step, total_steps, validation_loss, validation_loss / LN2)
+    with writer.as_default(step=step):
+        tf.summary.scalar("loss", validation_loss)
+        tf.summary.scalar("bits_per_char", validation_loss / LN2)
+        if with_sample:
+            sample = sampling.generate_text(trainer.model, vocabulary, config.sample_prompt, 200,
+                                            config.sample_temperature, config.seed)
+            tf.summary.text("sample", config.sample_prompt + sample)
 
 
 def vocabulary_fingerprint(vocabulary: Vocabulary) -> str:
