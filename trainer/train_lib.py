@@ -95,7 +95,7 @@ def prepare_data(config: TrainConfig) -> PreparedData:
 
 
 def check_model_dir(config: TrainConfig, vocabulary: Vocabulary) -> None:
-    """Checks that an existing model directory holds the same corpus and model.
+    """Checks that an existing model directory contains the same corpus and model.
 
     Raises:
       SetupError: naming what differs and how to proceed.
@@ -129,7 +129,7 @@ def check_model_dir(config: TrainConfig, vocabulary: Vocabulary) -> None:
             old, new = getattr(saved_config, field.name), getattr(wanted, field.name)
             if old != new:
                 raise SetupError(
-                    f"--model_dir={config.model_dir!r} holds a model with {field.name}={old!r}, "
+                    f"--model_dir={config.model_dir!r} contains a model with {field.name}={old!r}, "
                     f"but this run asks for {new!r}. Pass --{field.name}={old!r} to resume, or "
                     "train into a new --model_dir.")
 
@@ -168,9 +168,9 @@ class Trainer:
             self.model: CharLSTM = build_model(model_config)
             optimizer = keras.optimizers.Adam(learning_rate)
             if model_config.precision == "mixed_float16":
-                # float16 gradients underflow; the loss is scaled up before
-                # backprop and the gradients scaled down before the update,
-                # and a step with non-finite gradients is skipped.
+                # float16 gradients underflow, so the loss is scaled up before
+                # backprop and the gradients scaled down before the update.
+                # A step with non-finite gradients is skipped.
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             # A Keras 3 optimizer must create its slots inside the strategy
             # scope before the first compiled step, or that step fails.
@@ -295,7 +295,7 @@ def _write_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
 
 @dataclasses.dataclass
 class RunResult:
-    """What `run` returns: the summary written to summary.json, and the live objects."""
+    """The result of `run`: the summary written to summary.json, and the live objects."""
 
     summary: dict[str, Any]
     trainer: Trainer
@@ -303,7 +303,7 @@ class RunResult:
 
 
 def run(config: TrainConfig) -> RunResult:
-    """Trains (or resumes) a model as `config` says.
+    """Trains a model as configured by `config`, or resumes it from `config.model_dir`.
 
     Raises:
       SetupError: for bad input, before the model is built and before anything
