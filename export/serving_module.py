@@ -22,6 +22,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from trainer import fast_lstm
 from trainer.model import CharLSTM
 from trainer.sampling import sample_ids, step_seeds
 from trainer.vocabulary import UNKNOWN_CHARACTER, UNKNOWN_ID, Vocabulary
@@ -77,6 +78,13 @@ class CharLSTMServing(tf.Module):
         self.vocab_size = model.config.vocab_size
         self.max_generate_chars = max_generate_chars
         self.compute_dtype = model.compute_dtype_name
+        # `embedding @ kernel + bias` of the first LSTM layer, float32
+        # [vocab, 4 * units], saved with the weights. A step then looks up one
+        # row per id instead of running an [ids, input] @ [input, 4 * units]
+        # matmul, which at units 1024 reads 4 MiB of kernel (float32) per step.
+        # The SavedModel grows by vocab * 4 * units * 4 bytes.
+        self.input_projection_table = tf.Variable(
+            _input_projection_table(model), trainable=False, name="input_projection_table")
 
         # The lookup table lives in the SavedModel, and the SavedModel's init
         # op (which TF Serving runs on load) fills it from these constants.
@@ -92,34 +100,79 @@ class CharLSTMServing(tf.Module):
 
     # ----------------------------------------------------------------- core
 
-    def _run_cell(self, ids, h, c):
+    def _step_weights(self):
+        """Returns the weights of one step, cast to their matmul dtype.
+
+        Call it once per signature call, outside any loop, so a bfloat16
+        model casts its kernels once per call and not once per character.
+
+        Returns:
+          (a list of (kernel, bias, recurrent_kernel) per LSTM layer, where
+          layer 0 has None for kernel and bias because its input projection
+          comes from `input_projection_table`; the logits kernel and bias in
+          float32).
+        """
+        model = self._model.value
+        layers = []
+        for index, layer in enumerate(model.lstm_layers):
+            cell = layer.cell
+            recurrent_kernel = tf.cast(cell.recurrent_kernel, self.compute_dtype)  # [units, 4 * units]
+            if index == 0:
+                layers.append((None, None, recurrent_kernel))
+            else:
+                layers.append((tf.cast(cell.kernel, self.compute_dtype),
+                               tf.cast(cell.bias, tf.float32), recurrent_kernel))
+        logits_layer = model.logits_layer
+        return layers, (tf.cast(logits_layer.kernel, tf.float32),
+                        tf.cast(logits_layer.bias, tf.float32))
+
+    def _run_cell(self, ids, h, c, weights):
         """Advances the model one character.
+
+        The same maths as `CharLSTM` with the fused LSTM (gates i, f, c, o;
+        dropout off), written out for a single step: the first layer's input
+        projection is a row of `input_projection_table`, and every other
+        matmul runs in the model's compute dtype with float32 gate
+        arithmetic. The state goes through the compute dtype on the way in
+        and out, as it does between calls of the Keras model.
 
         Args:
           ids: int32 [batch], ids already checked to be in range.
           h, c: float32 [batch, num_layers, units].
+          weights: the result of `_step_weights()`.
 
         Returns:
           (logits float32 [batch, vocab], h, c float32 [batch, num_layers, units]).
         """
-        state = [(tf.cast(h[:, layer], self.compute_dtype), tf.cast(c[:, layer], self.compute_dtype))
-                 for layer in range(self.num_layers)]
-        logits, new_state = self._model.value(ids[:, None], state, training=False)  # [batch, 1, vocab]
-        new_h = tf.stack([tf.cast(layer_h, tf.float32) for layer_h, _ in new_state], axis=1)
-        new_c = tf.stack([tf.cast(layer_c, tf.float32) for _, layer_c in new_state], axis=1)
-        return tf.cast(logits[:, 0], tf.float32), new_h, new_c
+        layers, (logits_kernel, logits_bias) = weights
+        projection = tf.gather(self.input_projection_table, ids)  # [batch, 4 * units]
+        new_h, new_c = [], []
+        features = None
+        for index, (kernel, bias, recurrent_kernel) in enumerate(layers):
+            if index > 0:
+                projection = tf.cast(tf.matmul(tf.cast(features, self.compute_dtype), kernel),
+                                     tf.float32) + bias  # [batch, 4 * units]
+            layer_h = tf.cast(tf.cast(h[:, index], self.compute_dtype), tf.float32)
+            layer_c = tf.cast(tf.cast(c[:, index], self.compute_dtype), tf.float32)
+            # One timestep: lstm_sequence runs its cell once, without a loop.
+            _, features, layer_c = fast_lstm.lstm_sequence(
+                projection[None], layer_h, layer_c, recurrent_kernel)  # [batch, units]
+            new_h.append(tf.cast(tf.cast(features, self.compute_dtype), tf.float32))
+            new_c.append(tf.cast(tf.cast(layer_c, self.compute_dtype), tf.float32))
+        logits = tf.matmul(features, logits_kernel) + logits_bias  # [batch, vocab]
+        return logits, tf.stack(new_h, axis=1), tf.stack(new_c, axis=1)
 
     # Only the model maths is compiled. Sampling runs outside XLA in every
-    # signature, because tf.random.stateless_uniform gives different numbers
-    # under XLA than in the regular kernels (checked with TF 2.21 on CPU, also
-    # with alg="philox"), and streamed and generated texts must be equal.
+    # signature: its Gumbel noise takes logarithms, which XLA and the regular
+    # kernels may round differently, and streamed and generated texts must be
+    # equal. (The uniforms under it are integer hashes, identical in both.)
     @tf.function(jit_compile=True, autograph=False)
     def _run_cell_xla(self, ids, h, c):
-        return self._run_cell(ids, h, c)
+        return self._run_cell(ids, h, c, self._step_weights())
 
     @tf.function(autograph=False)
     def _run_cell_plain(self, ids, h, c):
-        return self._run_cell(ids, h, c)
+        return self._run_cell(ids, h, c, self._step_weights())
 
     # ----------------------------------------------------------- validation
 
@@ -218,8 +271,10 @@ class CharLSTMServing(tf.Module):
         steps = tf.maximum(tf.shape(ids)[1] - 1, 0)
         state_length = lengths - 1  # characters that go into the state
 
+        weights = self._step_weights()
+
         def body(t, h, c):
-            _, new_h, new_c = self._run_cell(ids[:, t], h, c)
+            _, new_h, new_c = self._run_cell(ids[:, t], h, c, weights)
             active = (t < state_length)[:, None, None]  # [batch, 1, 1]
             return t + 1, tf.where(active, new_h, h), tf.where(active, new_c, c)
 
@@ -303,8 +358,10 @@ class CharLSTMServing(tf.Module):
         h, c, last_ids, _ = self._prime(prompts)
         max_steps = tf.maximum(tf.reduce_max(tf.concat([num_chars, [0]], axis=0)), 0)
 
+        weights = self._step_weights()
+
         def body(t, last_ids, h, c, sampled):
-            logits, h, c = self._run_cell(last_ids, h, c)
+            logits, h, c = self._run_cell(last_ids, h, c, weights)
             last_ids = sample_ids(logits, temperature, step_seeds(seed, t), top_k)
             return t + 1, last_ids, h, c, sampled.write(t, last_ids)
 
@@ -364,3 +421,19 @@ class CharLSTMServing(tf.Module):
                 top_k=ids, seed=tf.TensorSpec([None, 2], tf.int32)),
             "metadata": self.metadata.get_concrete_function(batch=ids),
         }
+
+
+def _input_projection_table(model: CharLSTM) -> tf.Tensor:
+    """Returns the first LSTM layer's `input @ kernel + bias` for every id, float32 [vocab, 4 * units].
+
+    The rows are what `fast_lstm.embedding_projection` computes: the matmul
+    runs in the model's compute dtype and the bias is added in float32. For
+    one-hot input the kernel itself is the table.
+    """
+    cell = model.lstm_layers[0].cell
+    dtype = model.compute_dtype_name
+    bias = tf.cast(cell.bias, tf.float32)
+    if model.embedding is None:
+        return tf.cast(tf.cast(cell.kernel, dtype), tf.float32) + bias
+    table = tf.matmul(tf.cast(model.embedding.embeddings, dtype), tf.cast(cell.kernel, dtype))
+    return tf.cast(table, tf.float32) + bias  # [vocab, 4 * units]
