@@ -24,7 +24,7 @@ from absl import logging
 from export import warmup
 from export.serving_module import CharLSTMServing, ExportMetadata
 from trainer import distribution
-from trainer.model import MODEL_CONFIG_FILENAME, CharLSTM, load_model_config
+from trainer.model import MODEL_CONFIG_FILENAME, CharLSTM, build_model, load_model_config
 from trainer.vocabulary import VOCABULARY_FILENAME, Vocabulary, VocabularyError
 
 DEFAULT_MAX_GENERATE_CHARS = 2000
@@ -103,14 +103,11 @@ def load_training_artifacts(model_dir: str) -> tuple:
 def restore_model(model_config, checkpoint: str) -> tuple[CharLSTM, int]:
     """Builds the model and restores every one of its weights from `checkpoint`.
 
-    The model is built with the same optimizer and step counter as
-    `trainer.train_lib.Trainer`, because the LSTM layers sit in a plain list
-    on `CharLSTM`, which Keras 3 does not track as checkpoint dependencies.
-    Their weights reach the checkpoint only as the optimizer's
-    `_trainable_variables`, so `tf.train.Checkpoint(model=model)` alone
-    leaves them at their random initial values without any error. Every
-    float weight is set to NaN first and checked afterwards, so a weight that
-    no checkpoint path reaches is an error here, never a silent random weight.
+    Only the model and the step counter are read. The training checkpoint
+    also holds the optimizer, whose variables depend on training flags such as
+    the learning rate schedule, and those are not needed to serve. Every float
+    weight is set to NaN first and checked afterwards, so a weight that the
+    checkpoint does not reach is an error here, never a silent random weight.
 
     Returns:
       (model, training step stored in the checkpoint).
@@ -119,16 +116,13 @@ def restore_model(model_config, checkpoint: str) -> tuple[CharLSTM, int]:
       ExportError: if the checkpoint does not match the model config, or a
         model weight is not restored.
     """
-    from trainer import train_lib  # Imported here because train_lib pulls in the data pipeline.
-
-    trainer = train_lib.Trainer(tf.distribute.get_strategy(), model_config, global_batch_size=1,
-                                learning_rate=1e-3, clip_norm=0.0)
-    model = trainer.model
+    model = build_model(model_config)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     weights = [v for v in model.weights if tf.as_dtype(v.dtype).is_floating]
     for variable in weights:
         variable.assign(tf.fill(variable.shape, float("nan")))
     try:
-        status = trainer.checkpoint.read(checkpoint)
+        status = tf.train.Checkpoint(model=model, step=step).read(checkpoint)
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         # The loader's message lists unmatched variables with their values;
@@ -138,8 +132,7 @@ def restore_model(model_config, checkpoint: str) -> tuple[CharLSTM, int]:
             detail = detail[:400] + " ..."
         raise ExportError(
             f"Checkpoint {checkpoint} does not match the model in {MODEL_CONFIG_FILENAME} "
-            f"({model_config}), or was not written by charlstm training (which saves the model, "
-            f"optimizer and step): {detail}") from error
+            f"({model_config}), or was not written by charlstm training: {detail}") from error
     status.expect_partial()
     not_restored = [v.path for v in weights if bool(tf.reduce_any(tf.math.is_nan(v)))]
     if not_restored:
@@ -147,7 +140,7 @@ def restore_model(model_config, checkpoint: str) -> tuple[CharLSTM, int]:
             f"Checkpoint {checkpoint} leaves model weights {not_restored} unset or NaN. Either "
             f"it does not come from a model with {model_config}, or training diverged; export "
             "an earlier checkpoint with --checkpoint.")
-    return model, int(trainer.step.numpy())
+    return model, int(step.numpy())
 
 
 # ---------------------------------------------------------------- versions

@@ -84,8 +84,7 @@ def write_untrained_model_dir(model_dir: str, precision: str = "float32",
       model_dir: directory to create.
       precision: the Keras dtype policy of the model.
       model_only_checkpoint: save `tf.train.Checkpoint(model=model)` instead of
-        the trainer's model + optimizer + step checkpoint. With the LSTM layers
-        in a plain list, such a checkpoint lacks the LSTM weights.
+        the trainer's model + optimizer + step checkpoint, so it lacks the step.
 
     Returns:
       The trainer whose model was saved.

@@ -76,8 +76,7 @@ def test_non_positive_max_generate_chars_is_rejected(untrained_dir):
 
 
 def test_model_only_checkpoint_is_rejected(tmp_path):
-    # tf.train.Checkpoint(model=model) contains the embedding and logits but
-    # no LSTM weights, and no optimizer.
+    # tf.train.Checkpoint(model=model) contains the weights but no step counter.
     model_dir = str(tmp_path / "model")
     write_untrained_model_dir(model_dir, model_only_checkpoint=True)
     with pytest.raises(export_lib.ExportError, match="not written by charlstm training"):
@@ -102,6 +101,21 @@ def test_checkpoint_of_other_shape_is_rejected(tmp_path, untrained_dir):
     config_path.write_text(config_path.read_text().replace('"units": 8', '"units": 9'))
     with pytest.raises(export_lib.ExportError, match="does not match the model"):
         export_lib.export_saved_model(str(model_dir))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(lr_schedule="cosine", warmup_steps=2),
+    dict(precision="mixed_float16"),
+], ids=["cosine_schedule", "loss_scale_optimizer"])
+def test_export_ignores_optimizer_layout(tmp_path, overrides):
+    # The optimizer's variables differ with the schedule and loss scaling;
+    # the export reads only the model and the step.
+    text_path = tmp_path / "text.txt"
+    text_path.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    model_dir = str(tmp_path / "model")
+    train_lib.run(tiny_train_config(model_dir, str(text_path), **overrides))
+    path = export_lib.export_saved_model(model_dir)
+    assert path.endswith("/5")
 
 
 def test_restore_reads_every_weight(untrained_dir):
