@@ -7,7 +7,6 @@ Usage:
 
 from __future__ import annotations
 
-
 from absl import app
 from absl import logging
 
