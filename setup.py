@@ -21,7 +21,6 @@ setup(
     packages=find_packages(include=["trainer", "trainer.*", "export", "export.*",
                                     "serving", "serving.*"]),
     package_data={"trainer": ["data/*.txt"]},
-    include_package_data=True,
     # Tested with tensorflow 2.21, keras 3.15, tensorflow-datasets 4.9.10,
     # tensorboard 2.21, absl-py 2.5 and numpy 2.4 on Python 3.11.
     install_requires=[

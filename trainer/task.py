@@ -16,6 +16,12 @@ from trainer import train_lib
 
 trainer_flags.define_flags()
 
+# Exit codes: 1 for invalid flags found while parsing (absl) or a crash,
+# 2 for a SetupError, 3 for a failed export after training, and 75 for a
+# preempted run (trainer.preemption).
+SETUP_ERROR_EXIT_CODE = 2
+EXPORT_FAILED_EXIT_CODE = 3
+
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
@@ -25,13 +31,13 @@ def main(argv: list[str]) -> int:
         result = train_lib.run(config)
     except train_lib.SetupError as error:
         logging.error("%s", error)
-        return 2
+        return SETUP_ERROR_EXIT_CODE
     if config.export:
         try:
             _, sample = export_lib.export_after_training(config, result)
         except export_lib.ExportError as error:
             logging.error("Training finished, but the export failed: %s", error)
-            return 1
+            return EXPORT_FAILED_EXIT_CODE
     else:
         sample = train_lib.final_sample(config, result)
     print(f"\n--- sample ({config.sample_length} characters, temperature "
