@@ -165,6 +165,13 @@ def main(argv) -> None:
                     sys.stdout.flush()
                 sys.stdout.write("\n")
             else:
+                # Checked here so the error names the flag, not a graph assertion.
+                cap = int(sampler.metadata()["max_generate_chars"])
+                if FLAGS.num_chars > cap:
+                    raise ValueError(
+                        f"--num_chars={FLAGS.num_chars} is over the export's max_generate_chars "
+                        f"{cap}. Lower it, pass --stream (one call per character, no cap), or "
+                        "export with a larger --max_generate_chars.")
                 text, = sampler.generate([FLAGS.prompt], FLAGS.num_chars, FLAGS.temperature,
                                          FLAGS.top_k, FLAGS.seed)
                 print(text)

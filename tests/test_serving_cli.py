@@ -249,6 +249,15 @@ def test_cli_stream_equals_generate(base_path, sampler):
     assert streamed.stdout == expected + "\n"
 
 
+def test_cli_names_num_chars_over_cap(base_path, sampler):
+    cap = int(sampler.metadata()["max_generate_chars"])
+
+    result = run_cli(f"--saved_model={base_path}", "--prompt=a", f"--num_chars={cap + 1}")
+
+    assert result.returncode == 1
+    assert f"--num_chars={cap + 1} is over the export's max_generate_chars {cap}" in result.stderr
+
+
 def test_cli_rejects_two_backends():
     result = run_cli("--server=127.0.0.1:1", "--saved_model=/tmp", timeout=60)
 
