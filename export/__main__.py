@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 
 from export import export_lib
+from trainer import logs
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +40,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
+    logs.quiet_tensorflow_info()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. All options are --flags.")
     try:

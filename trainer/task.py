@@ -12,6 +12,7 @@ from absl import logging
 
 from export import export_lib
 from trainer import flags as trainer_flags
+from trainer import logs
 from trainer import train_lib
 
 trainer_flags.define_flags()
@@ -24,6 +25,7 @@ EXPORT_FAILED_EXIT_CODE = 3
 
 
 def main(argv: list[str]) -> int:
+    logs.quiet_tensorflow_info()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. All options are --flags.")
     try:
