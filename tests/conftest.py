@@ -102,3 +102,13 @@ def no_model_build(monkeypatch):
         raise AssertionError("the Trainer was built before the bad input was rejected")
 
     monkeypatch.setattr(train_lib.Trainer, "__init__", fail)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A 2-layer, 16-unit model trained 5 steps on multilingual text, and its export."""
+    from export_fixtures import trained_export
+
+    root = tmp_path_factory.getbasetemp() / "export_shared"
+    root.mkdir(exist_ok=True)
+    return trained_export(str(root))

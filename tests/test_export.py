@@ -13,7 +13,7 @@ from export.serving_module import GENERATE_PADDING_ID, UNKNOWN_CHARACTER_POLICY
 from export.signature_check import RequestError, check_request_inputs
 from trainer.sampling import step_seeds
 from trainer.vocabulary import UNKNOWN_CHARACTER
-from export_fixtures import UNSEEN_CHARACTERS, seeds, trained_export, utf8, zero_state
+from export_fixtures import UNSEEN_CHARACTERS, seeds, utf8, zero_state
 
 # Stepping one character at a time and running a whole sequence at once add
 # up the same float32 products in different orders. Observed differences are
@@ -23,13 +23,6 @@ TEACHER_FORCING_ATOL = 1e-4
 XLA_ATOL = 1e-5
 # Rows of different batch sizes can take different matmul kernels.
 BATCH_ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "export_shared"
-    root.mkdir(exist_ok=True)
-    return trained_export(str(root))
 
 
 @pytest.fixture(scope="module")

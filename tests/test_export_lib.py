@@ -11,14 +11,7 @@ import tensorflow as tf
 
 from export import export_lib, warmup
 from trainer import train_lib
-from export_fixtures import tiny_train_config, trained_export, write_untrained_model_dir
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "export_shared"
-    root.mkdir(exist_ok=True)
-    return trained_export(str(root))
+from export_fixtures import tiny_train_config, write_untrained_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,11 @@ import tensorflow as tf
 
 from export import warmup
 from export.signature_check import check_request_inputs
-from export_fixtures import seeds, trained_export, zero_state
+from export_fixtures import seeds, zero_state
 
 NON_XLA_SIGNATURES = {"step_no_xla", "step_chars_no_xla", "initial_state", "prime", "generate",
                       "metadata"}
 ALL_SIGNATURES = NON_XLA_SIGNATURES | {"serving_default", "step_chars"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "export_shared"
-    root.mkdir(exist_ok=True)
-    return trained_export(str(root))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from serving.rest_backend import RestBackend
 from serving.sampler import Sampler, Signatures, seed_pair, step_seed_array
 from trainer.sampling import step_seeds
 from trainer.vocabulary import UNKNOWN_CHARACTER
-from export_fixtures import trained_export
 from standin_servers import GrpcStandin, ModelRepository, RestStandin
 
 MODEL = "charlstm"
@@ -34,13 +33,6 @@ PROMPT = "Привет, café 🙂 "
 # Retries fast enough for tests; every loop below ends after a bounded count.
 FAST_RETRY = RetryPolicy(deadline=10.0, retries=2, initial_backoff=0.01, max_backoff=0.05)
 NO_XLA = Signatures(step="step_no_xla")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "export_shared"
-    root.mkdir(exist_ok=True)
-    return trained_export(str(root))
 
 
 @pytest.fixture(scope="module")

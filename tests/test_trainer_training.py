@@ -256,7 +256,7 @@ def test_final_sample_length_and_temperature(trained):
 @pytest.mark.parametrize("preset, expected", [
     ("classic.flags", dict(input_encoding="one_hot", units=1024, batch_size=64, seq_length=100,
                            epochs=30, precision="float32", lr_schedule="constant")),
-    ("quick.flags", dict(input_encoding="embedding", units=512, epochs=10, lr_schedule="cosine",
+    ("quick.flags", dict(input_encoding="embedding", units=512, epochs=16, lr_schedule="cosine",
                          warmup_steps=50, precision="auto")),
 ])
 def test_presets_parse(parse_trainer_flags, preset, expected):
