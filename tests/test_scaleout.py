@@ -112,6 +112,15 @@ def _wait(processes) -> list[int]:
     return [process.wait(timeout=PROCESS_TIMEOUT_S) for process in processes]
 
 
+def _run_workers(tmp_path, configs: list[TrainConfig]) -> list[int]:
+    """Runs one worker process per config to the end; returns their exit codes."""
+    processes = _start_workers(tmp_path, configs)
+    try:
+        return _wait(processes)
+    finally:
+        _kill(processes)
+
+
 def _read_log(path) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
@@ -241,11 +250,7 @@ def test_workers_reject_different_text(tmp_path, tiny_config, tiny_corpus):
     configs = [tiny_config(model_dir=str(tmp_path / "model"), strategy="multi_worker",
                            text_files=(path,), sample_length=0)
                for path in (tiny_corpus, str(other))]
-    processes = _start_workers(tmp_path, configs)
-    try:
-        exit_codes = _wait(processes)
-    finally:
-        _kill(processes)
+    exit_codes = _run_workers(tmp_path, configs)
     chief_log = _read_log(tmp_path / "worker0.log")
     assert exit_codes == [2, 2], chief_log[-3000:]
     assert "Worker 1 built a different vocabulary from worker 0" in chief_log
@@ -282,11 +287,7 @@ def test_sigterm_to_one_worker_stops_all(tmp_path, tiny_config):
         assert f"at step {step}. Exiting with code {preemption.PREEMPTED_EXIT_CODE}" in log
 
     resumed_config = dataclasses.replace(config, train_steps=step + 3)
-    processes = _start_workers(tmp_path, [resumed_config, resumed_config])
-    try:
-        exit_codes = _wait(processes)
-    finally:
-        _kill(processes)
+    exit_codes = _run_workers(tmp_path, [resumed_config, resumed_config])
     logs = [_read_log(tmp_path / f"worker{i}.log") for i in range(2)]
     assert exit_codes == [0, 0], logs[0][-3000:]
     for log in logs:
@@ -296,16 +297,12 @@ def test_sigterm_to_one_worker_stops_all(tmp_path, tiny_config):
 
 
 def test_workers_reject_different_checkpoints(tmp_path, tiny_config):
-    # Worker 1 sees a checkpoint that worker 0 cannot, as with a --model_dir
-    # on one machine's local disk.
+    # Only worker 1 can read a checkpoint, as with a --model_dir on one
+    # machine's local disk.
     train_lib.run(tiny_config(model_dir=str(tmp_path / "worker1"), strategy="one_device"))
     configs = [tiny_config(model_dir=str(tmp_path / f"worker{i}"), strategy="multi_worker",
                            sample_length=0) for i in range(2)]
-    processes = _start_workers(tmp_path, configs)
-    try:
-        exit_codes = _wait(processes)
-    finally:
-        _kill(processes)
+    exit_codes = _run_workers(tmp_path, configs)
     chief_log = _read_log(tmp_path / "worker0.log")
     assert exit_codes == [2, 2], chief_log[-3000:]
     assert "Worker 1 restored step 6 but worker 0 restored step 0" in chief_log
