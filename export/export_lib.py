@@ -104,8 +104,8 @@ def restore_model(model_config, checkpoint: str) -> tuple[CharLSTM, int]:
     """Builds the model and restores every one of its weights from `checkpoint`.
 
     Only the model and the step counter are read. The training checkpoint
-    also holds the optimizer, whose variables depend on training flags such as
-    the learning rate schedule, and those are not needed to serve. Every float
+    also contains the optimizer, which serving does not need, and whose
+    variables depend on training flags such as the learning rate schedule. Every float
     weight is set to NaN first and checked afterwards, so a weight that the
     checkpoint does not reach is an error here, never a silent random weight.
 

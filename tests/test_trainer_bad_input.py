@@ -185,7 +185,8 @@ def failing_starts(tmp_path):
 def test_failed_starts_leave_model_dir_unchanged(trained_dir, make_tiny_config, tmp_path,
                                                  no_model_build):
     before = snapshot(trained_dir)
-    assert "vocabulary.json" in before and "checkpoint" in before
+    assert "vocabulary.json" in before
+    assert "checkpoint" in before
     for case, overrides in failing_starts(tmp_path).items():
         with pytest.raises(train_lib.SetupError):
             train_lib.run(make_tiny_config(trained_dir, **overrides))

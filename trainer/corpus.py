@@ -116,8 +116,8 @@ def read_tfds(name: str, split: str = "train", text_key: str = "text",
     try:
         dataset = tfds.load(name, split=split, data_dir=data_dir, download=download)
     except tfds.core.registered.DatasetNotFoundError as error:
-        # TFDS's own message lists every dataset it knows, hundreds of lines;
-        # only close matches are shown. Community datasets are left out of
+        # TFDS's own message lists every registered dataset, hundreds of
+        # lines, so only close matches are shown. Community datasets are left out of
         # the list because listing them reads from Google Cloud Storage.
         known = sorted(set(tfds.list_builders(with_community_datasets=False)))
         close = difflib.get_close_matches(name, known, n=3)

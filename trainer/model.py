@@ -140,7 +140,7 @@ class CharLSTM(keras.Model):
         return logits, final_state
 
     def _call_fused(self, ids, initial_state, training):
-        """The same maths as `call` with `fast_lstm.lstm_sequence` in place of Keras's loop.
+        """Runs the maths of `call` with `fast_lstm.lstm_sequence` in place of Keras's loop.
 
         Works time-major; only the logits are transposed back, because they
         are the smallest tensor ([time, batch, vocab]).

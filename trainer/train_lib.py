@@ -189,8 +189,8 @@ class Trainer:
     def compute_loss(self, inputs, targets, training: bool = True):
         """Returns this replica's share of the global-batch mean loss.
 
-        The per-sequence loss is the mean cross-entropy over its characters
-        (nats per character); `compute_average_loss` divides the sum over this
+        The per-sequence loss is the mean cross-entropy over its characters,
+        in nats per character. `compute_average_loss` divides the sum over this
         replica's sequences by the global batch size, so summing the replicas'
         values (and gradients) gives the mean over the global batch.
         """
